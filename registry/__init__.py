@@ -1,0 +1,51 @@
+"""A nursery-scoped agent execution registry for real-time chat backends.
+
+Open one with ``async with open_registry(config) as reg:``; every run lives in a task scope of
+the registry, so it always ends with exactly one terminal event and is always unregistered.
+"""
+
+from registry._agents import AgentContext as AgentContext
+from registry._agents import AgentFn as AgentFn
+from registry._agents import AgentRegistry as AgentRegistry
+from registry._agents import AgentSpec as AgentSpec
+from registry._agents import Supervisor as Supervisor
+from registry._agents import ToolDispatcher as ToolDispatcher
+from registry._agents import ToolFn as ToolFn
+from registry._config import Config as Config
+from registry._config import ConfigError as ConfigError
+from registry._config import Setting as Setting
+from registry._context import AgentExecutionContext as AgentExecutionContext
+from registry._errors import InvalidField as InvalidField
+from registry._errors import Overloaded as Overloaded
+from registry._errors import RateLimited as RateLimited
+from registry._errors import RegistryClosed as RegistryClosed
+from registry._errors import RegistryError as RegistryError
+from registry._errors import ResumeUnavailable as ResumeUnavailable
+from registry._errors import RunNotFound as RunNotFound
+from registry._errors import TooManyConnections as TooManyConnections
+from registry._errors import UnknownAgent as UnknownAgent
+from registry._events import Event as Event
+from registry._events import EventType as EventType
+from registry._events import PayloadError as PayloadError
+from registry._events import RunStatus as RunStatus
+from registry._events import ToolStatus as ToolStatus
+from registry._events import validate_payload as validate_payload
+from registry._lifecycle import IllegalTransition as IllegalTransition
+from registry._lifecycle import RunLifecycle as RunLifecycle
+from registry._lifecycle import RunState as RunState
+from registry._lifecycle import Trigger as Trigger
+from registry._manager import DeliveryError as DeliveryError
+from registry._manager import Subscriber as Subscriber
+from registry._manager import WebSocketManager as WebSocketManager
+from registry._memory import MemorySubscriber as MemorySubscriber
+from registry._notifier import WebSocketNotifier as WebSocketNotifier
+from registry._registry import AgentExecutionRegistry as AgentExecutionRegistry
+from registry._registry import Health as Health
+from registry._registry import RegistryStatistics as RegistryStatistics
+from registry._registry import get_agent_execution_registry as get_agent_execution_registry
+from registry._registry import open_registry as open_registry
+from registry._stream import RunStream as RunStream
+from registry._stream import SeqOutOfRange as SeqOutOfRange
+from registry._stream import StreamError as StreamError
+
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""Event types, statuses and the run-event envelope of PROTOCOL.md, with JSON conversion."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any, Final, final
+
+import attrs
+
+__all__ = [
+    "TERMINAL_RUN_STATUSES",
+    "Event",
+    "EventType",
+    "PayloadError",
+    "RunStatus",
+    "ToolStatus",
+    "validate_payload",
+]
+
+
+class EventType(enum.StrEnum):
+    """The run events of PROTOCOL.md, in the order a run usually emits them."""
+
+    AGENT_STARTED = "agent_started"
+    AGENT_THINKING = "agent_thinking"
+    TOOL_EXECUTING = "tool_executing"
+    TOOL_COMPLETED = "tool_completed"
+    PARTIAL_RESULT = "partial_result"
+    AGENT_COMPLETED = "agent_completed"
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended: the ``status`` of ``agent_completed``."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+class ToolStatus(enum.StrEnum):
+    """How a tool call ended: the ``status`` of ``tool_completed``."""
+
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_RUN_STATUSES: Final = frozenset(RunStatus)
+
+
+class PayloadError(ValueError):
+    """A payload lacks a field its event type requires, or has one of the wrong type."""
+
+
+_STR = (str,)
+_REQUIRED: Final[Mapping[EventType, Mapping[str, tuple[type, ...]]]] = {
+    EventType.AGENT_STARTED: {"agent": _STR},
+    EventType.AGENT_THINKING: {"thought": _STR},
+    EventType.TOOL_EXECUTING: {"tool": _STR, "call_id": _STR, "args": (dict,)},
+    EventType.TOOL_COMPLETED: {"tool": _STR, "call_id": _STR, "status": _STR},
+    EventType.PARTIAL_RESULT: {"text": _STR},
+    EventType.AGENT_COMPLETED: {"status": _STR},
+}
+_STATUSES: Final[Mapping[EventType, frozenset[str]]] = {
+    EventType.TOOL_COMPLETED: frozenset(ToolStatus),
+    EventType.AGENT_COMPLETED: frozenset(RunStatus),
+}
+_OK_STATUSES: Final = frozenset({ToolStatus.OK, RunStatus.SUCCEEDED})
+
+
+def validate_payload(event_type: EventType, payload: Mapping[str, Any]) -> None:
+    """Checks that ``payload`` has the shape PROTOCOL.md gives ``event_type``.
+
+    Completion events carry ``result`` on success and ``error`` otherwise.
+
+    Raises:
+        PayloadError: naming the missing or mistyped field.
+    """
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"{event_type} payload must be an object")
+    for name, types in _REQUIRED[event_type].items():
+        if not isinstance(payload.get(name), types):
+            raise PayloadError(f"{event_type} payload needs {name!r} of type {types[0].__name__}")
+    allowed = _STATUSES.get(event_type)
+    if allowed is None:
+        return
+    status = payload["status"]
+    if status not in allowed:
+        raise PayloadError(f"{event_type} status {status!r} is not one of {sorted(allowed)}")
+    needed = "result" if status in _OK_STATUSES else "error"
+    if needed not in payload:
+        raise PayloadError(f"{event_type} with status {status!r} needs {needed!r}")
+
+
+@final
+@attrs.frozen
+class Event:
+    """One run event as it travels on the wire.
+
+    Attributes:
+        type: The event type.
+        run_id: The run it belongs to.
+        thread_id: The conversation thread of the run.
+        seq: Its position in the run, from 1, without gaps.
+        ts: Server Unix time (seconds) when the agent emitted it.
+        payload: The event's fields, shaped per :func:`validate_payload`.
+    """
+
+    type: EventType
+    run_id: str
+    thread_id: str
+    seq: int
+    ts: float
+    payload: Mapping[str, Any]
+
+    @functools.cached_property
+    def json(self) -> str:
+        """The wire form, serialised once and shared by every socket that sends it."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": str(self.type),
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "seq": self.seq,
+            "ts": self.ts,
+            "payload": dict(self.payload),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """Parses the wire form.
+
+        Raises:
+            ValueError: a field is missing or malformed (the message names it).
+        """
+        try:
+            event_type = EventType(data["type"])
+        except (KeyError, ValueError):
+            raise ValueError(f"not a run event type: {data.get('type')!r}") from None
+        for name, types in (("run_id", str), ("thread_id", str), ("seq", int), ("payload", dict)):
+            if not isinstance(data.get(name), types) or isinstance(data.get(name), bool):
+                raise ValueError(f"run event needs {name!r} of type {types.__name__}")
+        ts = data.get("ts")
+        if not isinstance(ts, int | float) or isinstance(ts, bool):
+            raise ValueError("run event needs 'ts' as a number")
+        validate_payload(event_type, data["payload"])
+        return cls(event_type, data["run_id"], data["thread_id"], data["seq"], float(ts),
+                   data["payload"])
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Event:
+        """Parses one JSON frame; raises ValueError when it is not a valid run event."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a run event is a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,138 @@
+"""Who is connected, and which connection is subscribed to which run (bookkeeping, no I/O)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol, final, runtime_checkable
+
+from registry._errors import TooManyConnections
+from registry._events import Event
+
+__all__ = ["DeliveryError", "Subscriber", "WebSocketManager"]
+
+
+class DeliveryError(Exception):
+    """A subscriber could not take an event this time; the registry retries per its config."""
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """The transport-neutral face of one client connection (a WebSocket, a test sink, ...).
+
+    The registry drives it; a transport implements it. All calls come from the registry's
+    event loop.
+    """
+
+    @property
+    def user_id(self) -> str:
+        """The authenticated user this connection belongs to."""
+        ...
+
+    def attach(self, run_id: str, replay: list[Event]) -> None:
+        """Starts (or restarts) this connection's copy of a run's stream.
+
+        ``replay`` holds the retained events after the seq the client asked from; the
+        connection sends them, then every event later given to :meth:`send_event`. It must
+        not block: a transport may send the replay lazily as the socket drains.
+        """
+        ...
+
+    async def send_event(self, event: Event) -> None:
+        """Delivers one live event of an attached run, in seq order.
+
+        Raises:
+            DeliveryError: a transient failure; the registry retries, then gives up on this
+                connection for that run (it calls :meth:`detach`; the client can resume).
+        """
+        ...
+
+    def detach(self, run_id: str) -> None:
+        """The registry will send no more events of ``run_id`` to this connection."""
+        ...
+
+    def delivered_through(self, run_id: str) -> int:
+        """The highest seq of ``run_id`` this connection has sent on (0 when none)."""
+        ...
+
+
+@final
+class WebSocketManager:
+    """Per-user connection registry and the subscriptions of connections to runs.
+
+    Args:
+        max_connections_per_user: Limit enforced by :meth:`connect`.
+    """
+
+    def __init__(self, max_connections_per_user: int) -> None:
+        self.max_connections_per_user = max_connections_per_user
+        self._by_user: defaultdict[str, set[Subscriber]] = defaultdict(set)
+        self._subscribers: defaultdict[str, set[Subscriber]] = defaultdict(set)
+        self._runs: defaultdict[Subscriber, set[str]] = defaultdict(set)
+
+    def connect(self, connection: Subscriber) -> None:
+        """Registers an open connection.
+
+        Raises:
+            TooManyConnections: the user already has ``max_connections_per_user`` open.
+        """
+        mine = self._by_user[connection.user_id]
+        if connection not in mine and len(mine) >= self.max_connections_per_user:
+            limit = self.max_connections_per_user
+            raise TooManyConnections(f"user already has {len(mine)} open connections (max {limit})")
+        mine.add(connection)
+
+    def disconnect(self, connection: Subscriber) -> list[str]:
+        """Forgets a connection; returns the run ids it was subscribed to (now unsubscribed)."""
+        mine = self._by_user.get(connection.user_id)
+        if mine is not None:
+            mine.discard(connection)
+            if not mine:
+                del self._by_user[connection.user_id]
+        run_ids = list(self._runs.pop(connection, ()))
+        for run_id in run_ids:
+            self._drop(run_id, connection)
+        return run_ids
+
+    def connections(self, user_id: str) -> tuple[Subscriber, ...]:
+        """The open connections of ``user_id``."""
+        return tuple(self._by_user.get(user_id, ()))
+
+    def connection_count(self) -> int:
+        return sum(len(c) for c in self._by_user.values())
+
+    def subscribe(self, connection: Subscriber, run_id: str) -> None:
+        self._subscribers[run_id].add(connection)
+        self._runs[connection].add(run_id)
+
+    def unsubscribe(self, connection: Subscriber, run_id: str) -> None:
+        runs = self._runs.get(connection)
+        if runs is not None:
+            runs.discard(run_id)
+            if not runs:
+                del self._runs[connection]
+        self._drop(run_id, connection)
+
+    def subscribers(self, run_id: str) -> tuple[Subscriber, ...]:
+        """The connections subscribed to ``run_id``, in no particular order."""
+        return tuple(self._subscribers.get(run_id, ()))
+
+    def is_subscribed(self, connection: Subscriber, run_id: str) -> bool:
+        return connection in self._subscribers.get(run_id, ())
+
+    def forget_run(self, run_id: str) -> tuple[Subscriber, ...]:
+        """Unsubscribes everyone from ``run_id``; returns who was subscribed."""
+        subs = tuple(self._subscribers.pop(run_id, ()))
+        for connection in subs:
+            runs = self._runs.get(connection)
+            if runs is not None:
+                runs.discard(run_id)
+                if not runs:
+                    del self._runs[connection]
+        return subs
+
+    def _drop(self, run_id: str, connection: Subscriber) -> None:
+        subs = self._subscribers.get(run_id)
+        if subs is not None:
+            subs.discard(connection)
+            if not subs:
+                del self._subscribers[run_id]

@@ -1,0 +1,246 @@
+"""The delivery stream of one run, sans-IO: numbering, guarantees, retention, acks and replay.
+
+A :class:`RunStream` is a pure state machine. It reads no clock (the caller passes ``ts``),
+owns no task and touches no socket, so any transport can drive it and the tests can explore
+it exhaustively. It enforces PROTOCOL.md's per-run guarantees by construction:
+
+* ``seq`` starts at 1 and rises by exactly 1;
+* ``agent_started`` is seq 1 (it is synthesised when the first event is something else);
+* every ``tool_executing`` is closed by exactly one ``tool_completed`` with its ``call_id``;
+  :meth:`RunStream.finish` closes the tools still open, with status ``cancelled`` when the run
+  was cancelled or timed out and ``error`` otherwise;
+* exactly one ``agent_completed``, always last; nothing can be emitted after it.
+
+It also keeps the newest events for replay (at most ``max_retained`` of them, and none that
+every reader has acknowledged) and answers whether a replay after a given seq is still possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+from registry._errors import ResumeUnavailable
+from registry._events import (
+    Event,
+    EventType,
+    RunStatus,
+    ToolStatus,
+    validate_payload,
+)
+
+__all__ = ["ResumeUnavailable", "RunStream", "SeqOutOfRange", "StreamError"]
+
+
+class StreamError(Exception):
+    """The local side broke a stream rule (emitted after the end, closed an unknown tool, ...).
+
+    This is a bug in the agent or its caller, never something a remote client can cause.
+    """
+
+
+class SeqOutOfRange(ValueError):
+    """A client named a seq beyond the last event of the run (``ack`` or ``resume``)."""
+
+
+_COMPACT_AT = 1024
+
+
+@final
+class RunStream:
+    """The event log of one run; see the module docstring for the rules it enforces.
+
+    Args:
+        run_id: The run's id, copied into every event.
+        thread_id: The run's thread, copied into every event.
+        agent: The agent name for a synthesised ``agent_started``.
+        max_retained: How many of the newest events to keep for replay (>= 1).
+    """
+
+    __slots__ = (
+        "_head", "_log", "_open_tools", "_seen_call_ids", "acked_seq", "agent", "last_seq",
+        "max_retained", "run_id", "status", "thread_id", "trimmed_through",
+    )
+
+    def __init__(self, run_id: str, thread_id: str, agent: str, max_retained: int) -> None:
+        if max_retained < 1:
+            raise ValueError("max_retained must be >= 1")
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.agent = agent
+        self.max_retained = max_retained
+        self.last_seq = 0
+        self.acked_seq = 0
+        self.trimmed_through = 0
+        self.status: RunStatus | None = None
+        self._log: list[Event] = []
+        self._head = 0
+        self._open_tools: dict[str, str] = {}
+        self._seen_call_ids: set[str] = set()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def started(self) -> bool:
+        return self.last_seq > 0
+
+    @property
+    def ended(self) -> bool:
+        return self.status is not None
+
+    @property
+    def open_tools(self) -> Mapping[str, str]:
+        """Tool calls not yet completed: ``call_id`` to tool name, in the order they opened."""
+        return dict(self._open_tools)
+
+    @property
+    def retained_count(self) -> int:
+        return len(self._log) - self._head
+
+    # ------------------------------------------------------------- emitting
+    def emit(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> list[Event]:
+        """Numbers and records one event, plus whatever the guarantees require before it.
+
+        Returns:
+            The events now appended, in order: usually one; a synthesised ``agent_started``
+            first when the run had not started; for ``agent_completed`` the closing events of
+            open tools first (see :meth:`finish`).
+
+        Raises:
+            StreamError: the run has ended, ``agent_started`` came twice, or a tool call id
+                was reused or closed without being open.
+            PayloadError: the payload does not fit the event type.
+        """
+        event_type = EventType(event_type)
+        validate_payload(event_type, payload)
+        if event_type is EventType.AGENT_COMPLETED:
+            return self.finish(payload, ts)
+        self._check_open()
+        if event_type is EventType.AGENT_STARTED:
+            if self.started:
+                raise StreamError(f"run {self.run_id}: agent_started was already sent")
+            return [self._append(event_type, payload, ts)]
+        out = self._start_if_needed(ts)
+        self._check_tool(event_type, payload)
+        out.append(self._append(event_type, payload, ts))
+        return out
+
+    def finish(self, payload: Mapping[str, Any], ts: float) -> list[Event]:
+        """Ends the run with the ``agent_completed`` payload given (``status`` plus result/error).
+
+        Tools still open are completed first, with status ``cancelled`` when the run was
+        cancelled or timed out, else ``error``.
+
+        Raises:
+            StreamError: the run has already ended.
+            PayloadError: the payload is not a valid ``agent_completed`` payload.
+        """
+        validate_payload(EventType.AGENT_COMPLETED, payload)
+        self._check_open()
+        status = RunStatus(payload["status"])
+        out = self._start_if_needed(ts)
+        out.extend(self._close_open_tools(status, ts))
+        out.append(self._append(EventType.AGENT_COMPLETED, payload, ts))
+        self.status = status
+        return out
+
+    def _check_open(self) -> None:
+        if self.ended:
+            raise StreamError(f"run {self.run_id} has already ended ({self.status})")
+
+    def _start_if_needed(self, ts: float) -> list[Event]:
+        if self.started:
+            return []
+        return [self._append(EventType.AGENT_STARTED, {"agent": self.agent}, ts)]
+
+    def _check_tool(self, event_type: EventType, payload: Mapping[str, Any]) -> None:
+        if event_type is EventType.TOOL_EXECUTING:
+            call_id = payload["call_id"]
+            if call_id in self._seen_call_ids:
+                raise StreamError(f"run {self.run_id}: tool call id {call_id!r} reused")
+            self._seen_call_ids.add(call_id)
+            self._open_tools[call_id] = payload["tool"]
+        elif event_type is EventType.TOOL_COMPLETED:
+            call_id = payload["call_id"]
+            if self._open_tools.get(call_id) != payload["tool"]:
+                raise StreamError(f"run {self.run_id}: tool call {call_id!r} is not open")
+            del self._open_tools[call_id]
+
+    def _close_open_tools(self, status: RunStatus, ts: float) -> list[Event]:
+        abandoned = status in (RunStatus.CANCELLED, RunStatus.TIMED_OUT)
+        tool_status = ToolStatus.CANCELLED if abandoned else ToolStatus.ERROR
+        out = []
+        for call_id, tool in self._open_tools.items():
+            payload = {"tool": tool, "call_id": call_id, "status": str(tool_status),
+                       "error": f"run ended ({status}) before the tool completed"}
+            out.append(self._append(EventType.TOOL_COMPLETED, payload, ts))
+        self._open_tools.clear()
+        return out
+
+    def _append(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> Event:
+        self.last_seq += 1
+        event = Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
+        self._log.append(event)
+        if self.retained_count > self.max_retained:
+            self.trim_through(self.last_seq - self.max_retained)
+        return event
+
+    # ------------------------------------------------------- acks and replay
+    def ack(self, seq: int) -> None:
+        """Records that a client holds every event up to ``seq`` (cumulative, never lowers).
+
+        Trimming is the caller's decision (:meth:`trim_through`), since other readers of the
+        run may still need those events.
+
+        Raises:
+            SeqOutOfRange: ``seq`` is beyond the last event.
+        """
+        self._check_seq(seq)
+        self.acked_seq = max(self.acked_seq, seq)
+
+    def trim_through(self, seq: int) -> int:
+        """Drops retained events with seq <= ``seq``; returns how many were dropped."""
+        seq = min(seq, self.last_seq)
+        if seq <= self.trimmed_through:
+            return 0
+        dropped = seq - self.trimmed_through
+        self._head += dropped
+        self.trimmed_through = seq
+        if self._head >= _COMPACT_AT and self._head * 2 >= len(self._log):
+            del self._log[: self._head]
+            self._head = 0
+        return dropped
+
+    def check_resume(self, after_seq: int) -> None:
+        """Raises unless every event with seq > ``after_seq`` is still retained.
+
+        Raises:
+            SeqOutOfRange: ``after_seq`` is beyond the last event.
+            ResumeUnavailable: some event after ``after_seq`` was trimmed.
+        """
+        self._check_seq(after_seq)
+        if after_seq < self.trimmed_through:
+            raise ResumeUnavailable(
+                f"run {self.run_id}: events {after_seq + 1}..{self.trimmed_through} are gone"
+            )
+
+    def events_after(self, after_seq: int) -> Sequence[Event]:
+        """The retained events with seq > ``after_seq``, in order (exactly the missing ones).
+
+        Raises:
+            SeqOutOfRange, ResumeUnavailable: as :meth:`check_resume`.
+        """
+        self.check_resume(after_seq)
+        start = self._head + (after_seq - self.trimmed_through)
+        return self._log[start:]
+
+    def get(self, seq: int) -> Event | None:
+        """The event numbered ``seq``, or None when it was trimmed or does not exist yet."""
+        if seq <= self.trimmed_through or seq > self.last_seq:
+            return None
+        return self._log[self._head + (seq - self.trimmed_through - 1)]
+
+    def _check_seq(self, seq: int) -> None:
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise SeqOutOfRange(f"seq must be a whole number >= 0, got {seq!r}")
+        if seq > self.last_seq:
+            raise SeqOutOfRange(f"seq {seq} is beyond the last event ({self.last_seq})")
