@@ -154,13 +154,22 @@ class RunChecker:
         return self._violations[before:]
 
     def finish(self) -> list[Violation]:
-        """Close the run: report what never arrived and return every violation (idempotent)."""
+        """Close the run: report what never arrived; returns the violations this found.
+
+        Idempotent: a second call finds nothing new. :attr:`violations` has them all.
+        """
+        before = len(self._violations)
         if not self._finished:
             self._finished = True
             self._close_gaps()
             if self._completed_at is None:
                 self._add(Kind.UNTERMINATED, None, "no agent_completed")
-        return list(self._violations)
+        return self._violations[before:]
+
+    @property
+    def contiguous_seq(self) -> int:
+        """The highest seq such that every event up to it arrived: what an ``ack`` may claim."""
+        return self._next_rule - 1
 
     def _arrive(self, seq: int, frame: Mapping[str, Any]) -> None:
         """Place one well-formed event in the stream."""
@@ -294,7 +303,7 @@ class ClientChecker:
         return self._flush_orphans()
 
     def on_frame(self, frame: Mapping[str, Any]) -> list[Violation]:
-        """Check one received frame of any type and return the new violations."""
+        """Check one received frame of any type and return the violations it revealed."""
         ftype = frame.get("type")
         if ftype == "run_accepted":
             return self._accepted(frame)
@@ -306,15 +315,22 @@ class ClientChecker:
         return self._event(frame)
 
     def finish_run(self, run_id: str) -> list[Violation]:
-        """Finish one run (see :meth:`RunChecker.finish`) and return its violations."""
+        """Finish one run (see :meth:`RunChecker.finish`) and return what that found."""
         return self.runs[run_id].finish()
 
     def finish(self) -> list[Violation]:
-        """Finish every run and return all violations, the client's own included."""
-        self._flush_orphans()
-        found = list(self._violations)
+        """Finish every run; returns the violations this found (held orphans included)."""
+        found = self._flush_orphans()
         for run in self.runs.values():
             found.extend(run.finish())
+        return found
+
+    @property
+    def violations(self) -> list[Violation]:
+        """Every violation found so far, the client's own and every run's."""
+        found = list(self._violations)
+        for run in self.runs.values():
+            found.extend(run.violations)
         return found
 
     def _event(self, frame: Mapping[str, Any]) -> list[Violation]:

@@ -28,10 +28,10 @@ class Subscriber(Protocol):
         """The authenticated user this connection belongs to."""
         ...
 
-    def attach(self, run_id: str, replay: list[Event]) -> None:
-        """Starts (or restarts) this connection's copy of a run's stream.
+    def attach(self, run_id: str, after_seq: int, replay: list[Event]) -> None:
+        """Starts (or restarts) this connection's copy of a run's stream after ``after_seq``.
 
-        ``replay`` holds the retained events after the seq the client asked from; the
+        ``replay`` holds the retained events with seq > ``after_seq``; the
         connection sends them, then every event later given to :meth:`send_event`. It must
         not block: a transport may send the replay lazily as the socket drains.
         """
@@ -66,7 +66,8 @@ class WebSocketManager:
     def __init__(self, max_connections_per_user: int) -> None:
         self.max_connections_per_user = max_connections_per_user
         self._by_user: defaultdict[str, set[Subscriber]] = defaultdict(set)
-        self._subscribers: defaultdict[str, set[Subscriber]] = defaultdict(set)
+        # run_id -> {connection: the first seq it gets live (earlier ones came as replay)}
+        self._subscribers: defaultdict[str, dict[Subscriber, int]] = defaultdict(dict)
         self._runs: defaultdict[Subscriber, set[str]] = defaultdict(set)
 
     def connect(self, connection: Subscriber) -> None:
@@ -100,8 +101,9 @@ class WebSocketManager:
     def connection_count(self) -> int:
         return sum(len(c) for c in self._by_user.values())
 
-    def subscribe(self, connection: Subscriber, run_id: str) -> None:
-        self._subscribers[run_id].add(connection)
+    def subscribe(self, connection: Subscriber, run_id: str, live_from: int) -> None:
+        """Subscribes (or re-subscribes) ``connection``; live events from seq ``live_from`` on."""
+        self._subscribers[run_id][connection] = live_from
         self._runs[connection].add(run_id)
 
     def unsubscribe(self, connection: Subscriber, run_id: str) -> None:
@@ -115,6 +117,13 @@ class WebSocketManager:
     def subscribers(self, run_id: str) -> tuple[Subscriber, ...]:
         """The connections subscribed to ``run_id``, in no particular order."""
         return tuple(self._subscribers.get(run_id, ()))
+
+    def deliverable(self, run_id: str, seq: int) -> list[Subscriber]:
+        """The connections that get event ``seq`` of ``run_id`` live (not through a replay)."""
+        subs = self._subscribers.get(run_id)
+        if not subs:
+            return []
+        return [c for c, live_from in subs.items() if live_from <= seq]
 
     def is_subscribed(self, connection: Subscriber, run_id: str) -> bool:
         return connection in self._subscribers.get(run_id, ())
@@ -133,6 +142,6 @@ class WebSocketManager:
     def _drop(self, run_id: str, connection: Subscriber) -> None:
         subs = self._subscribers.get(run_id)
         if subs is not None:
-            subs.discard(connection)
+            subs.pop(connection, None)
             if not subs:
                 del self._subscribers[run_id]

@@ -35,7 +35,7 @@ class MemorySubscriber:
     def user_id(self) -> str:
         return self._user_id
 
-    def attach(self, run_id: str, replay: list[Event]) -> None:
+    def attach(self, run_id: str, after_seq: int, replay: list[Event]) -> None:
         self.received[run_id].extend(replay)
         self._notify()
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 
 from registry._config import Config
@@ -262,7 +263,7 @@ class AgentExecutionRegistry:
             replay = list(run.stream.events_after(after_seq))
         except SeqOutOfRange as exc:
             raise InvalidField("after_seq", str(exc)) from None
-        self._subscribe(run, connection, replay)
+        self._subscribe(run, connection, after_seq, replay)
 
     def ack(self, run_id: str, user_id: str, seq: int) -> None:
         """Records a cumulative ack and trims what every subscribed connection has sent.
@@ -295,7 +296,11 @@ class AgentExecutionRegistry:
         Returns:
             True when the event was recorded and every subscriber took it; False when it
             broke a stream rule (logged) or some subscriber failed every attempt.
+
+        It is a checkpoint (like every trio operation), so an agent that emits in a tight
+        loop still lets sockets drain and can be cancelled.
         """
+        await anyio.lowlevel.checkpoint()
         try:
             event_type = EventType(event_type)
             if event_type is EventType.AGENT_COMPLETED:
@@ -336,7 +341,7 @@ class AgentExecutionRegistry:
         ok = True
         for event in events:
             self._counts["events_emitted"] += 1
-            for connection in self.manager.subscribers(run.run_id):
+            for connection in self.manager.deliverable(run.run_id, event.seq):
                 ok = await self._send(run, connection, event) and ok
         return ok
 
@@ -413,18 +418,19 @@ class AgentExecutionRegistry:
         self, run: AgentExecutionContext, body: Body, connections: Iterable[Subscriber]
     ) -> None:
         for connection in connections:
-            self._subscribe(run, connection, [])
+            self._subscribe(run, connection, 0, [])
         self._maybe_detached(run)
         self._tg.start_soon(self._drive, run, body, name=f"run {run.run_id}")
 
     def _subscribe(
-        self, run: AgentExecutionContext, connection: Subscriber, replay: list[Event]
+        self, run: AgentExecutionContext, connection: Subscriber, after_seq: int,
+        replay: list[Event],
     ) -> None:
         if connection.user_id != run.user_id:
             raise RunNotFound(f"no run {run.run_id!r}")
-        self.manager.subscribe(connection, run.run_id)
+        self.manager.subscribe(connection, run.run_id, run.stream.last_seq + 1)
         run.detach_generation += 1
-        connection.attach(run.run_id, replay)
+        connection.attach(run.run_id, after_seq, replay)
 
     async def _drive(self, run: AgentExecutionContext, body: Body) -> None:
         try:

@@ -63,7 +63,8 @@ def kinds_of(frames: Sequence[Frame], script: tuple[str, ...] | None = None) -> 
     checker = RunChecker(RUN, THREAD, script)
     for frame in frames:
         checker.feed(frame)
-    return {violation.kind for violation in checker.finish()}
+    checker.finish()
+    return {violation.kind for violation in checker.violations}
 
 
 @given(valid_runs())
@@ -109,7 +110,7 @@ def test_duplicate_is_detected(frames: list[Frame], data: st.DataObject) -> None
 @given(valid_runs(), st.data())
 def test_swap_is_reordered(frames: list[Frame], data: st.DataObject) -> None:
     if len(frames) < 3:
-        frames = frames + [envelope("agent_completed", len(frames) + 1, {})]
+        frames = [*frames, envelope("agent_completed", len(frames) + 1, {})]
     index = data.draw(st.integers(0, len(frames) - 2))
     mutated = list(frames)
     mutated[index], mutated[index + 1] = mutated[index + 1], mutated[index]
@@ -172,7 +173,8 @@ def test_resume_overlap_is_not_duplicate(frames: list[Frame], data: st.DataObjec
     checker.resume(after)
     for frame in frames[after:]:
         checker.feed(frame)
-    assert checker.finish() == []
+    checker.finish()
+    assert checker.violations == ()
 
 
 @given(valid_runs(), st.data())
@@ -182,15 +184,23 @@ def test_reconnect_resume_fills_exactly_the_missing(
     held = data.draw(st.integers(0, len(frames)))
     client = ClientChecker()
     client.start_sent("req-1")
-    client.on_frame({"type": "run_accepted", "request_id": "req-1", "run_id": RUN,
-                     "thread_id": THREAD, "duplicate": False})
+    client.on_frame(
+        {
+            "type": "run_accepted",
+            "request_id": "req-1",
+            "run_id": RUN,
+            "thread_id": THREAD,
+            "duplicate": False,
+        }
+    )
     for frame in frames[:held]:
         client.on_frame(frame)
     assert client.socket_replaced() == []
     client.resume_sent(RUN, client.runs[RUN].last_seq)
     for frame in frames[held:]:
         client.on_frame(frame)
-    assert client.finish() == []
+    client.finish()
+    assert client.violations == []
     assert client.runs[RUN].delivered == len(frames)
 
 
@@ -203,15 +213,23 @@ def test_resume_that_skips_an_event_is_lost(frames: list[Frame], data: st.DataOb
     checker.resume(held)
     for frame in frames[held + 1 :]:
         checker.feed(frame)
-    assert {violation.kind for violation in checker.finish()} == {Kind.LOST}
+    checker.finish()
+    assert {violation.kind for violation in checker.violations} == {Kind.LOST}
 
 
 def accepted_client(run_id: str = RUN) -> ClientChecker:
     """Return a client checker whose socket started ``run_id``."""
     client = ClientChecker()
     client.start_sent("req-1")
-    client.on_frame({"type": "run_accepted", "request_id": "req-1", "run_id": run_id,
-                     "thread_id": THREAD, "duplicate": False})
+    client.on_frame(
+        {
+            "type": "run_accepted",
+            "request_id": "req-1",
+            "run_id": run_id,
+            "thread_id": THREAD,
+            "duplicate": False,
+        }
+    )
     return client
 
 
@@ -222,25 +240,41 @@ def test_foreign_run_is_detected(frames: list[Frame], data: st.DataObject) -> No
     stranger = envelope("agent_started", 1, {"agent": "echo"}, run_id="run-b")
     for frame in [*frames[:index], stranger, *frames[index:]]:
         client.on_frame(frame)
-    assert {violation.kind for violation in client.finish()} == {Kind.FOREIGN}
+    client.finish()
+    assert {violation.kind for violation in client.violations} == {Kind.FOREIGN}
 
 
 def test_events_before_run_accepted_are_held_not_foreign() -> None:
     client = ClientChecker()
     client.start_sent("req-1")
     assert client.on_frame(envelope("agent_started", 1, {})) == []
-    client.on_frame({"type": "run_accepted", "request_id": "req-1", "run_id": RUN,
-                     "thread_id": THREAD, "duplicate": False})
+    client.on_frame(
+        {
+            "type": "run_accepted",
+            "request_id": "req-1",
+            "run_id": RUN,
+            "thread_id": THREAD,
+            "duplicate": False,
+        }
+    )
     client.on_frame(envelope("agent_completed", 2, {}))
     assert client.finish() == []
+    assert client.violations == []
 
 
 def test_held_event_of_another_run_is_foreign_once_answered() -> None:
     client = ClientChecker()
     client.start_sent("req-1")
     client.on_frame(envelope("agent_started", 1, {}, run_id="run-b"))
-    found = client.on_frame({"type": "run_accepted", "request_id": "req-1", "run_id": RUN,
-                             "thread_id": THREAD, "duplicate": False})
+    found = client.on_frame(
+        {
+            "type": "run_accepted",
+            "request_id": "req-1",
+            "run_id": RUN,
+            "thread_id": THREAD,
+            "duplicate": False,
+        }
+    )
     assert [violation.kind for violation in found] == [Kind.FOREIGN]
 
 
@@ -253,11 +287,19 @@ def test_other_thread_id_is_foreign() -> None:
 def test_duplicate_accept_for_new_request_is_duplicate() -> None:
     client = ClientChecker()
     client.start_sent("req-1")
-    client.on_frame({"type": "run_accepted", "request_id": "req-1", "run_id": RUN,
-                     "thread_id": THREAD, "duplicate": True})
+    client.on_frame(
+        {
+            "type": "run_accepted",
+            "request_id": "req-1",
+            "run_id": RUN,
+            "thread_id": THREAD,
+            "duplicate": True,
+        }
+    )
     for frame in (envelope("agent_started", 1, {}), envelope("agent_completed", 2, {})):
         client.on_frame(frame)
-    assert [violation.kind for violation in client.finish()] == [Kind.DUPLICATE]
+    client.finish()
+    assert [violation.kind for violation in client.violations] == [Kind.DUPLICATE]
 
 
 def test_events_after_socket_change_without_resume_are_foreign() -> None:
@@ -266,3 +308,19 @@ def test_events_after_socket_change_without_resume_are_foreign() -> None:
     client.socket_replaced()
     found = client.on_frame(envelope("agent_thinking", 2, {}))
     assert [violation.kind for violation in found] == [Kind.FOREIGN]
+
+
+def test_finish_returns_only_what_it_found_and_is_idempotent() -> None:
+    checker = RunChecker(RUN, THREAD)
+    checker.feed(envelope("agent_started", 1, {}))
+    assert [v.kind for v in checker.feed(envelope("agent_started", 1, {}))] == [Kind.DUPLICATE]
+    assert [v.kind for v in checker.finish()] == [Kind.UNTERMINATED]
+    assert checker.finish() == []
+    assert [v.kind for v in checker.violations] == [Kind.DUPLICATE, Kind.UNTERMINATED]
+
+
+def test_contiguous_seq_stops_at_a_gap() -> None:
+    checker = RunChecker(RUN, THREAD)
+    for seq in (1, 2, 4):
+        checker.feed(envelope("agent_started" if seq == 1 else "agent_thinking", seq, {}))
+    assert (checker.contiguous_seq, checker.last_seq) == (2, 4)

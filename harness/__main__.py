@@ -1,0 +1,7 @@
+"""``python -m harness serve|token|chat|demo``."""
+
+import sys
+
+from harness._cli import main
+
+sys.exit(main())

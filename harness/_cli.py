@@ -1,0 +1,126 @@
+"""``python -m harness``: serve, token, chat and demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from harness._auth import mint_token
+from harness._server import serve
+from harness.agents import demo_agents
+from registry import Config, ConfigError
+
+__all__ = ["main"]
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also read from REGISTRY_<NAME>)")
+    for setting in Config.settings():
+        group.add_argument(setting.flag, dest=f"setting_{setting.name}", metavar="VALUE",
+                           help=f"{setting.env_var}; {setting.help}")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {
+        name.removeprefix("setting_"): value
+        for name, value in vars(args).items()
+        if name.startswith("setting_") and value is not None
+    }
+    return Config.from_env(overrides=overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    srv = commands.add_parser("serve", help="run the WebSocket server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    srv.add_argument("--dev", action="store_true",
+                     help="without an auth secret, use a random one (printed on stderr)")
+    srv.add_argument("--log-level", default="WARNING")
+    _add_settings(srv)
+    tok = commands.add_parser("token", help="print a token for USER_ID")
+    tok.add_argument("user_id")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    _add_settings(tok)
+    chat = commands.add_parser("chat", help="run one chat and print its events live")
+    chat.add_argument("message")
+    chat.add_argument("--user", default="alice")
+    chat.add_argument("--agent", default="research")
+    chat.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    chat.add_argument("--context", default=None, help="JSON object for the run's context")
+    _add_settings(chat)
+    commands.add_parser("demo", help="start a server, run a few chats against it, stop it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        if args.command == "chat":
+            from harness.client import chat_main
+
+            return chat_main(args, _config(args))
+        from harness._demo import demo_main
+
+        return demo_main()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _config(args)
+    if not config.auth_secret:
+        if not args.dev:
+            print("error: REGISTRY_AUTH_SECRET (or --auth-secret) is required; "
+                  "--dev uses a random one", file=sys.stderr)
+            return 2
+        secret = secrets.token_urlsafe(32)
+        print(f"dev auth secret: {secret}", file=sys.stderr, flush=True)
+        config = attrs.evolve(config, auth_secret=secret)
+    trio.run(_serve_until_signalled, config, args.host, args.port)
+    return 0
+
+
+async def _serve_until_signalled(config: Config, host: str, port: int) -> None:
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(_serve_task, config, host, port, stop)
+            print(f"listening on ws://{host}:{bound}/ws", flush=True)
+            async for signum in signals:
+                logging.getLogger("harness").info("signal %s: shutting down", signum)
+                stop.set()
+                break
+
+
+async def _serve_task(
+    config: Config, host: str, port: int, stop: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(config, host=host, port=port, agents=demo_agents(), stop=stop,
+                task_status=task_status)
+
+
+def _token(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.auth_secret:
+        print("error: set REGISTRY_AUTH_SECRET (or --auth-secret)", file=sys.stderr)
+        return 2
+    print(mint_token(config.auth_secret, args.user_id, args.ttl))
+    return 0
