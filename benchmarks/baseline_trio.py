@@ -52,6 +52,9 @@ class Baseline:
     nursery: trio.Nursery
     secret: str | None
     retention_s: float
+    fault_every: int = 0
+    fault: int = 1
+    emitted: int = 0
     runs: dict[str, Run] = attrs.field(factory=dict)
     requests: dict[tuple[str, str], str] = attrs.field(factory=dict)
 
@@ -137,10 +140,13 @@ class Baseline:
         seq = len(run.log) + 1
         text = json.dumps(envelope(etype, run.run_id, run.thread_id, seq, time.time(), payload))
         run.log.append(text)
+        self.emitted += 1
+        copies = 1 if not self.fault_every or self.emitted % self.fault_every else self.fault
         for ws, cursor in list(run.cursors.items()):
             if cursor == seq:
                 run.cursors[ws] = seq + 1
-                await send_text(run, ws, text)
+                for _ in range(copies):
+                    await send_text(run, ws, text)
 
     async def resume(self, ws: WebSocketConnection, user: str, frame: dict[str, Any]) -> None:
         """Subscribe ``ws`` to a run and replay its log after ``after_seq``."""
@@ -211,11 +217,11 @@ async def send_text(run: Run, ws: WebSocketConnection, text: str) -> None:
         run.cursors.pop(ws, None)
 
 
-async def serve(host: str, port: int, secret: str | None, retention_s: float) -> None:
+async def serve(host: str, port: int, state_args: dict[str, Any]) -> None:
     """Serve until SIGINT or SIGTERM, printing the listening line once accepting."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            state = Baseline(nursery, secret, retention_s)
+            state = Baseline(nursery, **state_args)
             server = await nursery.start(serve_websocket, state.handle, host, port, None)
             print(serverkit.listening_line(host, server.port), flush=True)
             async for _ in signals:
@@ -231,9 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retention-s", type=float, default=float(os.environ.get("REGISTRY_RETENTION_S", "10"))
     )
+    parser.add_argument(
+        "--fault",
+        choices=("none", "lost", "duplicate"),
+        default="none",
+        help="for testing the checkers only: lose or duplicate one event in --fault-every",
+    )
+    parser.add_argument("--fault-every", type=int, default=200)
     args = parser.parse_args(argv)
-    secret = os.environ.get("REGISTRY_AUTH_SECRET") or None
-    trio.run(serve, args.host, args.port, secret, args.retention_s)
+    state_args = {
+        "secret": os.environ.get("REGISTRY_AUTH_SECRET") or None,
+        "retention_s": args.retention_s,
+        "fault_every": 0 if args.fault == "none" else args.fault_every,
+        "fault": {"none": 1, "lost": 0, "duplicate": 2}[args.fault],
+    }
+    trio.run(serve, args.host, args.port, state_args)
     return 0
 
 

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return chat_main(args, _config(args))
         from harness._demo import demo_main
 
-        return demo_main()
+        return int(demo_main())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -250,7 +250,7 @@ class ChatUser(User):
 
     def on_stop(self) -> None:
         """Close the socket; a run still in flight is abandoned, not judged."""
-        if self.current is not None and not self.current.done.is_set():
+        if self.current is not None and self.current.run_id is not None:
             TALLY.counts["runs_abandoned"] += 1
         self.current = None
         if self.conn is not None:
