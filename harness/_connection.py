@@ -52,6 +52,9 @@ class SocketConnection:
         label: For logs (peer address).
     """
 
+    #: send_event only enqueues; the registry needs no timeout around it.
+    immediate_delivery: Final = True
+
     def __init__(self, user_id: str, max_queued: int, label: str = "") -> None:
         self._user_id = user_id
         self.max_queued = max_queued

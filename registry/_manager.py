@@ -40,6 +40,10 @@ class Subscriber(Protocol):
     async def send_event(self, event: Event) -> None:
         """Delivers one live event of an attached run, in seq order.
 
+        A subscriber whose ``send_event`` never blocks (it only enqueues) may set a class
+        attribute ``immediate_delivery = True``; the registry then skips the per-attempt
+        timeout scope.
+
         Raises:
             DeliveryError: a transient failure; the registry retries, then gives up on this
                 connection for that run (it calls :meth:`detach`; the client can resume).

@@ -349,8 +349,7 @@ class AgentExecutionRegistry:
         attempts = self.config.delivery_retries
         for attempt in range(1, attempts + 1):
             try:
-                with anyio.fail_after(self.config.event_delivery_timeout_s):
-                    await connection.send_event(event)
+                await self._attempt(connection, event)
             except (DeliveryError, TimeoutError) as exc:
                 if attempt == attempts:
                     return self._give_up(run, connection, exc)
@@ -360,6 +359,18 @@ class AgentExecutionRegistry:
                 self._counts["events_delivered"] += 1
                 return True
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, connection: Subscriber, event: Event) -> None:
+        """One delivery attempt, bounded by ``event_delivery_timeout_s``.
+
+        A subscriber whose ``send_event`` only enqueues (``immediate_delivery = True``, as
+        the WebSocket server's) cannot block, so it skips the cost of a cancel scope.
+        """
+        if getattr(connection, "immediate_delivery", False):
+            await connection.send_event(event)
+            return
+        with anyio.fail_after(self.config.event_delivery_timeout_s):
+            await connection.send_event(event)
 
     def _give_up(self, run: AgentExecutionContext, connection: Subscriber, exc: Exception) -> bool:
         self._counts["events_failed"] += 1
