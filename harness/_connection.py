@@ -66,6 +66,7 @@ class SocketConnection:
         self._ready: dict[str, None] = {}
         self._queued_live = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self._close_requested = trio.Event()
 
     # ------------------------------------------------------- Subscriber
     @property
@@ -118,6 +119,7 @@ class SocketConnection:
             return
         self.close_code = code
         self.close_reason = reason
+        self._close_requested.set()
         if code == CLOSE_OVERFLOW:
             self._drop_queued()
         self._lot.unpark_all()
@@ -179,6 +181,9 @@ class SocketConnection:
         copy = self._runs.get(run_id) if run_id is not None else None
         if copy is not None and seq > copy.sent_through:
             copy.sent_through = seq
+
+    async def wait_close_requested(self) -> None:
+        await self._close_requested.wait()
 
     async def wait_for_work(self) -> None:
         """Blocks until a frame is queued or a close was requested."""

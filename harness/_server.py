@@ -50,6 +50,7 @@ log = logging.getLogger("harness.server")
 PATH: Final = "/ws"
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
+CLOSE_ABNORMAL: Final = 1006
 #: How long a socket gets to take its close frame before the TCP connection is dropped.
 _CLOSE_TIMEOUT_S: Final = 2.0
 
@@ -112,15 +113,28 @@ class ChatServer:
                 self._all_closed.set()
 
     async def _serve_socket(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
+        """Runs the socket's tasks until a close is requested, then bounds the closing.
+
+        Once a close is requested (by the peer, an overflow, shutdown or keepalive) the
+        socket is unsubscribed at once, so its runs can be resumed elsewhere and its slot
+        is free; the writer gets a bounded time to flush and send the close frame.
+        """
+        writer_done = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, ws, conn)
             nursery.start_soon(self._keepalive, ws, conn)
-            await self._writer(ws, conn)
+            nursery.start_soon(self._writer, ws, conn, writer_done)
+            await conn.wait_close_requested()
+            self.registry.disconnect(conn)
+            with trio.move_on_after(2 * _CLOSE_TIMEOUT_S):
+                await writer_done.wait()
             nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------- writer
-    async def _writer(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
-        """Drains ``conn``'s queue until a close is requested or the peer goes away."""
+    async def _writer(
+        self, ws: WebSocketConnection, conn: SocketConnection, done: trio.Event
+    ) -> None:
+        """Drains ``conn``'s queue; once a close is requested and the queue is empty, closes."""
         try:
             while True:
                 item = conn.next_frame()
@@ -132,10 +146,12 @@ class ChatServer:
                 frame, run_id, seq = item
                 await ws.send_message(frame)
                 conn.sent(run_id, seq)
+            with trio.move_on_after(_CLOSE_TIMEOUT_S):
+                await ws.aclose(conn.close_code or CLOSE_INTERNAL, conn.close_reason or None)
         except ConnectionClosed:
-            return
-        with trio.move_on_after(_CLOSE_TIMEOUT_S):
-            await ws.aclose(conn.close_code or CLOSE_INTERNAL, conn.close_reason or None)
+            conn.close(CLOSE_ABNORMAL, "connection lost")
+        finally:
+            done.set()
 
     # ------------------------------------------------------------- reader
     async def _reader(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
@@ -257,6 +273,7 @@ async def serve(
                 ws_server = await listening.start(functools.partial(
                     trio_websocket.serve_websocket, server.handle, host, port, None,
                     handler_nursery=sockets, max_message_size=config.max_message_bytes,
+                    disconnect_timeout=_CLOSE_TIMEOUT_S,
                 ))
                 task_status.started(ws_server.port)
                 await stop.wait()
