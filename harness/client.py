@@ -34,6 +34,7 @@ from trio_websocket import (
 )
 
 from registry import Config
+from registry._util import unwrapping_groups
 
 __all__ = ["Chat", "ChatError", "ChatUnavailable", "chat_main", "open_chat"]
 
@@ -268,25 +269,12 @@ async def open_chat(
     """
     chat = Chat(with_token(url, token), ack_every=ack_every,
                 reconnect_attempts=reconnect_attempts, reconnect_delay_s=reconnect_delay_s)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(chat._connection_loop)
-            try:
-                yield chat
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise _unwrap(group) from None
-
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The single exception of a nursery's group, so callers catch ChatError as is."""
-    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return group
+    async with unwrapping_groups(), trio.open_nursery() as nursery:
+        await nursery.start(chat._connection_loop)
+        try:
+            yield chat
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 # ------------------------------------------------------------------ CLI

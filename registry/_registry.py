@@ -28,6 +28,7 @@ from registry._events import Event, EventType, PayloadError, RunStatus, validate
 from registry._lifecycle import Trigger
 from registry._manager import DeliveryError, Subscriber, WebSocketManager
 from registry._stream import RunStream, SeqOutOfRange, StreamError
+from registry._util import unwrapping_groups
 
 if TYPE_CHECKING:
     from registry._agents import AgentRegistry, Supervisor, ToolDispatcher
@@ -129,7 +130,7 @@ async def open_registry(
     from registry._agents import AgentRegistry, Supervisor, ToolDispatcher
 
     supervisor = Supervisor(agents or AgentRegistry(), tools or ToolDispatcher())
-    async with anyio.create_task_group() as tg:
+    async with unwrapping_groups(), anyio.create_task_group() as tg:
         reg = AgentExecutionRegistry(config or Config(), tg, supervisor)
         await tg.start(reg._retention_service)
         await tg.start(reg._detach_service)
@@ -204,6 +205,8 @@ class AgentExecutionRegistry:
             RateLimited, Overloaded, RegistryClosed: no capacity for a new run.
         """
         context = dict(context or {})
+        if subscriber is not None and subscriber.user_id != user_id:
+            raise RunNotFound("a connection can only follow runs of its own user")
         spec = self.agents.get(agent)
         spec.validate_context(context)
         existing = self._find_duplicate(user_id, request_id)
@@ -337,13 +340,29 @@ class AgentExecutionRegistry:
         await run.done.wait()
         return decided
 
-    async def _deliver(self, run: AgentExecutionContext, events: Iterable[Event]) -> bool:
+    async def _deliver(self, run: AgentExecutionContext, events: list[Event]) -> bool:
         ok = True
-        for event in events:
-            self._counts["events_emitted"] += 1
-            for connection in self.manager.deliverable(run.run_id, event.seq):
-                ok = await self._send(run, connection, event) and ok
+        self._counts["events_emitted"] += len(events)
+        for index, event in enumerate(events):
+            targets = self.manager.deliverable(run.run_id, event.seq)
+            for position, connection in enumerate(targets):
+                try:
+                    ok = await self._send(run, connection, event) and ok
+                except BaseException as exc:  # cancelled while retrying: nobody may see a gap
+                    self._drop_behind(run, targets[position:], events[index + 1:], exc)
+                    raise
         return ok
+
+    def _drop_behind(
+        self, run: AgentExecutionContext, missed: list[Subscriber], unsent: list[Event],
+        exc: BaseException,
+    ) -> None:
+        """Unsubscribes every connection that would otherwise miss an event (it can resume)."""
+        behind = set(missed)
+        for event in unsent:
+            behind.update(self.manager.deliverable(run.run_id, event.seq))
+        for connection in behind:
+            self._give_up(run, connection, exc)
 
     async def _send(self, run: AgentExecutionContext, connection: Subscriber, event: Event) -> bool:
         attempts = self.config.delivery_retries
@@ -372,7 +391,9 @@ class AgentExecutionRegistry:
         with anyio.fail_after(self.config.event_delivery_timeout_s):
             await connection.send_event(event)
 
-    def _give_up(self, run: AgentExecutionContext, connection: Subscriber, exc: Exception) -> bool:
+    def _give_up(
+        self, run: AgentExecutionContext, connection: Subscriber, exc: BaseException
+    ) -> bool:
         self._counts["events_failed"] += 1
         log.warning("delivery failed run_id=%s user_id=%s after %d attempts: %r", run.run_id,
                     run.user_id, self.config.delivery_retries, exc)

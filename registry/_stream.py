@@ -119,8 +119,9 @@ class RunStream:
             if self.started:
                 raise StreamError(f"run {self.run_id}: agent_started was already sent")
             return [self._append(event_type, payload, ts)]
-        out = self._start_if_needed(ts)
         self._check_tool(event_type, payload)
+        out = self._start_if_needed(ts)
+        self._track_tool(event_type, payload)
         out.append(self._append(event_type, payload, ts))
         return out
 
@@ -153,17 +154,21 @@ class RunStream:
         return [self._append(EventType.AGENT_STARTED, {"agent": self.agent}, ts)]
 
     def _check_tool(self, event_type: EventType, payload: Mapping[str, Any]) -> None:
+        """Raises before anything is recorded, so a refused event leaves no trace."""
+        call_id: str = payload.get("call_id", "")
+        if event_type is EventType.TOOL_EXECUTING and call_id in self._seen_call_ids:
+            raise StreamError(f"run {self.run_id}: tool call id {call_id!r} reused")
+        if event_type is EventType.TOOL_COMPLETED and (
+            self._open_tools.get(call_id) != payload["tool"]
+        ):
+            raise StreamError(f"run {self.run_id}: tool call {call_id!r} is not open")
+
+    def _track_tool(self, event_type: EventType, payload: Mapping[str, Any]) -> None:
         if event_type is EventType.TOOL_EXECUTING:
-            call_id = payload["call_id"]
-            if call_id in self._seen_call_ids:
-                raise StreamError(f"run {self.run_id}: tool call id {call_id!r} reused")
-            self._seen_call_ids.add(call_id)
-            self._open_tools[call_id] = payload["tool"]
+            self._seen_call_ids.add(payload["call_id"])
+            self._open_tools[payload["call_id"]] = payload["tool"]
         elif event_type is EventType.TOOL_COMPLETED:
-            call_id = payload["call_id"]
-            if self._open_tools.get(call_id) != payload["tool"]:
-                raise StreamError(f"run {self.run_id}: tool call {call_id!r} is not open")
-            del self._open_tools[call_id]
+            del self._open_tools[payload["call_id"]]
 
     def _close_open_tools(self, status: RunStatus, ts: float) -> list[Event]:
         abandoned = status in (RunStatus.CANCELLED, RunStatus.TIMED_OUT)
