@@ -30,13 +30,14 @@ CLOSE_GOING_AWAY: Final = 1001
 class _RunCopy:
     """This socket's copy of one run's stream: a replay to read, then queued live events."""
 
-    __slots__ = ("live", "replay", "replay_pos", "sent_through")
+    __slots__ = ("live", "queued_through", "replay", "replay_pos", "sent_through")
 
-    def __init__(self, replay: Sequence[Event], sent_through: int) -> None:
+    def __init__(self, replay: Sequence[Event], after_seq: int) -> None:
         self.replay = replay
         self.replay_pos = 0
         self.live: deque[Event] = deque()
-        self.sent_through = sent_through
+        self.sent_through = after_seq
+        self.queued_through = replay[-1].seq if replay else after_seq
 
     def pending(self) -> bool:
         return self.replay_pos < len(self.replay) or bool(self.live)
@@ -50,14 +51,20 @@ class SocketConnection:
         user_id: The authenticated user.
         max_queued: ``max_queued_messages``: live events plus control frames waiting.
         label: For logs (peer address).
+        pause_s: ``backpressure_pause_s``: the longest a run waits per event for this
+            socket to drain below half of ``max_queued``.
     """
 
     #: send_event only enqueues; the registry needs no timeout around it.
     immediate_delivery: Final = True
 
-    def __init__(self, user_id: str, max_queued: int, label: str = "") -> None:
+    def __init__(
+        self, user_id: str, max_queued: int, label: str = "", pause_s: float = 0.002
+    ) -> None:
         self._user_id = user_id
         self.max_queued = max_queued
+        self.high_water = max_queued // 2
+        self.pause_s = pause_s
         self.label = label
         self.close_code: int | None = None
         self.close_reason = ""
@@ -66,6 +73,7 @@ class SocketConnection:
         self._ready: dict[str, None] = {}
         self._queued_live = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
         self._close_requested = trio.Event()
 
     # ------------------------------------------------------- Subscriber
@@ -82,14 +90,25 @@ class SocketConnection:
             self._mark_ready(run_id)
 
     async def send_event(self, event: Event) -> None:
+        """Queues a live event; past the high-water mark, gives the reader a moment first.
+
+        Events already queued or replayed are ignored, so each seq goes out once. Above
+        half of ``max_queued`` the call waits (at most ``pause_s``, shielded so that it
+        cannot lose the event it queued) for the writer to drain: a client that reads keeps
+        up with a fast agent, one that does not is closed with 4008 at the limit.
+        """
         copy = self._runs.get(event.run_id)
-        if copy is None or self.close_code is not None:
+        if copy is None or self.close_code is not None or event.seq <= copy.queued_through:
             return
         copy.live.append(event)
+        copy.queued_through = event.seq
         self._queued_live += 1
         if not self._check_room():
             return
         self._mark_ready(event.run_id)
+        if self.queued() > self.high_water:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.pause_s):
+                await self._drained.park()
 
     def detach(self, run_id: str) -> None:
         copy = self._runs.pop(run_id, None)
@@ -123,6 +142,7 @@ class SocketConnection:
         if code == CLOSE_OVERFLOW:
             self._drop_queued()
         self._lot.unpark_all()
+        self._drained.unpark_all()
 
     def run_ids(self) -> list[str]:
         """The runs this socket has a copy of (for logs)."""
@@ -174,6 +194,8 @@ class SocketConnection:
             copy.replay_pos += 1
             return event
         self._queued_live -= 1
+        if self._drained and self.queued() <= self.high_water:
+            self._drained.unpark_all()
         return copy.live.popleft()
 
     def sent(self, run_id: str | None, seq: int) -> None:

@@ -85,7 +85,8 @@ class ChatServer:
         except AuthError as exc:
             await request.reject(401, body=f"unauthorized: {exc}\n".encode())
             return
-        conn = SocketConnection(user_id, self.config.max_queued_messages, str(request.remote))
+        conn = SocketConnection(user_id, self.config.max_queued_messages, str(request.remote),
+                                self.config.backpressure_pause_s)
         try:
             self.registry.connect(conn)  # reserves the slot before any await
         except TooManyConnections as exc:

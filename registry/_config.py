@@ -108,6 +108,7 @@ class Config:
     event_delivery_timeout_s: float = attrs.field(default=0.5, validator=_pos)
     stale_context_age_s: float = attrs.field(default=600.0, validator=_pos)
     sweep_interval_s: float = attrs.field(default=30.0, validator=_pos)
+    backpressure_pause_s: float = attrs.field(default=0.002, validator=_pos)
 
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:
