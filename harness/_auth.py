@@ -50,6 +50,9 @@ def verify_token(secret: str, token: str) -> str:
 def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The token of a handshake: ``Authorization: Bearer`` wins over ``?token=``.
 
+    An ``Authorization`` header of another scheme is ignored (the query may still carry
+    the token).
+
     Raises:
         AuthError: neither carries a token.
     """
@@ -58,7 +61,6 @@ def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> s
             scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and credentials.strip():
                 return credentials.strip()
-            raise AuthError("the Authorization header is not 'Bearer <token>'")
     tokens = parse_qs(urlsplit(target).query).get("token")
     if tokens and tokens[0]:
         return tokens[0]

@@ -24,6 +24,8 @@ log = logging.getLogger("harness.connection")
 
 CLOSE_OVERFLOW: Final = 4008
 CLOSE_GOING_AWAY: Final = 1001
+#: A writer that sent nothing for this many pauses is stuck: runs stop waiting for it.
+_STALL_PAUSES: Final = 25
 
 
 @final
@@ -74,6 +76,7 @@ class SocketConnection:
         self._queued_live = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
+        self._last_sent = trio.current_time()
         self._close_requested = trio.Event()
 
     # ------------------------------------------------------- Subscriber
@@ -106,9 +109,13 @@ class SocketConnection:
         if not self._check_room():
             return
         self._mark_ready(event.run_id)
-        if self.queued() > self.high_water:
+        if self.queued() > self.high_water and self._draining():
             with trio.CancelScope(shield=True), trio.move_on_after(self.pause_s):
                 await self._drained.park()
+
+    def _draining(self) -> bool:
+        """Whether the writer sent something lately (a stuck socket does not slow the run)."""
+        return trio.current_time() - self._last_sent < _STALL_PAUSES * self.pause_s
 
     def detach(self, run_id: str) -> None:
         copy = self._runs.pop(run_id, None)
@@ -203,6 +210,7 @@ class SocketConnection:
         copy = self._runs.get(run_id) if run_id is not None else None
         if copy is not None and seq > copy.sent_through:
             copy.sent_through = seq
+        self._last_sent = trio.current_time()
 
     async def wait_close_requested(self) -> None:
         await self._close_requested.wait()

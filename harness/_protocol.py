@@ -7,6 +7,7 @@ Checks run in the order PROTOCOL.md ranks errors: ``bad_json``, then ``unknown_t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
@@ -108,8 +109,8 @@ def parse_client_frame(frame: str | bytes) -> ClientCommand:
     if isinstance(frame, bytes):
         raise ProtocolError("bad_json", "binary frames are not accepted; send JSON text")
     try:
-        data = json.loads(frame)
-    except ValueError:
+        data = json.loads(frame, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
         raise ProtocolError("bad_json", "the frame is not valid JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", "the frame must be a JSON object")
@@ -121,6 +122,17 @@ def parse_client_frame(frame: str | bytes) -> ClientCommand:
     return command
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range for a JSON number here")
+    return value
+
+
 def _parse_start(data: dict[str, Any]) -> StartAgent:
     request_id = data.get("request_id")
     if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_REQUEST_ID:
@@ -129,8 +141,8 @@ def _parse_start(data: dict[str, Any]) -> StartAgent:
     agent = _required_str(data, "agent", ids)
     message = _required_str(data, "message", ids)
     thread_id = data.get("thread_id")
-    if thread_id is not None and (not isinstance(thread_id, str) or not thread_id):
-        raise _invalid("thread_id", "must be a non-empty string", **ids)
+    if thread_id is not None and not isinstance(thread_id, str):
+        raise _invalid("thread_id", "must be a string", **ids)
     context = data.get("context")
     if context is not None and not isinstance(context, dict):
         raise _invalid("context", "must be a JSON object", **ids)
@@ -184,7 +196,7 @@ def _invalid(name: str, problem: str, **ids: str) -> ProtocolError:
 
 # ------------------------------------------------------------------ server frames
 def _dump(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
+    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
 
 
 def error_frame(

@@ -131,11 +131,12 @@ class Config:
             ConfigError: A value is malformed or out of range; the message names its source.
         """
         env = os.environ if environ is None else environ
+        overrides = overrides or {}
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            if setting.env_var in env:
+            if setting.env_var in env and setting.name not in overrides:
                 values[setting.name] = _parse(setting, env[setting.env_var], setting.env_var)
-        for name, raw in (overrides or {}).items():
+        for name, raw in overrides.items():
             if name not in _BY_NAME:
                 raise ConfigError(name, name, "unknown setting")
             values[name] = _parse(_BY_NAME[name], raw, _BY_NAME[name].flag)

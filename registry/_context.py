@@ -49,6 +49,7 @@ class AgentExecutionContext:
     external: bool = False
     lifecycle: RunLifecycle = attrs.field(factory=RunLifecycle)
     done: anyio.Event = attrs.field(factory=anyio.Event)
+    delivery_lock: anyio.Lock = attrs.field(factory=anyio.Lock)
     final_payload: Mapping[str, Any] | None = None
     ended_at: float | None = None
     detach_generation: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Final, final
 
@@ -96,6 +97,21 @@ def validate_payload(event_type: EventType, payload: Mapping[str, Any]) -> None:
         raise PayloadError(f"{event_type} with status {status!r} needs {needed!r}")
 
 
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    """A copy of ``obj`` with NaN and infinite floats replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 @final
 @attrs.frozen
 class Event:
@@ -119,8 +135,15 @@ class Event:
 
     @functools.cached_property
     def json(self) -> str:
-        """The wire form, serialised once and shared by every socket that sends it."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+        """The wire form, serialised once and shared by every socket that sends it.
+
+        Always strict JSON: values JSON cannot hold become strings, and NaN or infinite
+        numbers (which an agent may return) become null.
+        """
+        try:
+            return _dumps(self.to_dict())
+        except ValueError:
+            return _dumps(_finite(self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
         return {

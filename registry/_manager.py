@@ -132,6 +132,12 @@ class WebSocketManager:
     def is_subscribed(self, connection: Subscriber, run_id: str) -> bool:
         return connection in self._subscribers.get(run_id, ())
 
+    def is_live(self, connection: Subscriber, run_id: str, seq: int) -> bool:
+        """Whether ``connection`` is subscribed and gets event ``seq`` live (not as replay)."""
+        subs = self._subscribers.get(run_id)
+        live_from = subs.get(connection) if subs else None
+        return live_from is not None and live_from <= seq
+
     def forget_run(self, run_id: str) -> tuple[Subscriber, ...]:
         """Unsubscribes everyone from ``run_id``; returns who was subscribed."""
         subs = tuple(self._subscribers.pop(run_id, ()))

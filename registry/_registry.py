@@ -341,11 +341,29 @@ class AgentExecutionRegistry:
         return decided
 
     async def _deliver(self, run: AgentExecutionContext, events: list[Event]) -> bool:
-        ok = True
+        """Hands ``events`` to every subscriber, in seq order even when several tasks emit."""
         self._counts["events_emitted"] += len(events)
+        lock = run.delivery_lock
+        try:
+            if lock.locked():  # another task of this run is delivering (maybe retrying)
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+        except BaseException as exc:
+            self._drop_behind(run, [], events, exc)
+            raise
+        try:
+            return await self._deliver_locked(run, events)
+        finally:
+            lock.release()
+
+    async def _deliver_locked(self, run: AgentExecutionContext, events: list[Event]) -> bool:
+        ok = True
         for index, event in enumerate(events):
             targets = self.manager.deliverable(run.run_id, event.seq)
             for position, connection in enumerate(targets):
+                if not self.manager.is_live(connection, run.run_id, event.seq):
+                    continue  # it left, or resumed (and gets this event as replay) meanwhile
                 try:
                     ok = await self._send(run, connection, event) and ok
                 except BaseException as exc:  # cancelled while retrying: nobody may see a gap
@@ -422,7 +440,7 @@ class AgentExecutionRegistry:
     ) -> AgentExecutionContext:
         self._check_capacity(user_id)
         run_id = secrets.token_hex(16)
-        thread_id = thread_id or "thread_" + secrets.token_hex(8)
+        thread_id = "thread_" + secrets.token_hex(8) if thread_id is None else thread_id
         now = anyio.current_time()
         run = AgentExecutionContext(
             run_id, user_id, request_id, thread_id, agent, message, context, now,
