@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
+import trio
+import trio.testing
 
 from registry import AgentContext, AgentFn, AgentRegistry, Event, EventType, RunStatus
 
@@ -90,16 +92,29 @@ def _check_tool_pairs(events: Sequence[Event], status: RunStatus) -> None:
     open_calls: dict[str, str] = {}
     seen: set[str] = set()
     for event in events:
-        call_id = event.payload.get("call_id")
         if event.type is EventType.TOOL_EXECUTING:
+            call_id = event.payload["call_id"]
             assert call_id not in seen, f"call id {call_id} reused"
             seen.add(call_id)
             open_calls[call_id] = event.payload["tool"]
         elif event.type is EventType.TOOL_COMPLETED:
-            assert open_calls.pop(call_id) == event.payload["tool"]
+            assert open_calls.pop(event.payload["call_id"]) == event.payload["tool"]
     assert not open_calls, f"tool calls never completed: {open_calls}"
 
 
 def closing_status(status: RunStatus) -> str:
     """The status the stream must give a tool still open when a run ends with ``status``."""
     return "cancelled" if status in ABANDONED else "error"
+
+
+def run_task_names() -> list[str]:
+    """The run tasks (named ``run <run_id>``) in the nurseries of the current trio task."""
+    nurseries = trio.lowlevel.current_task().child_nurseries
+    names = [task.name for nursery in nurseries for task in nursery.child_tasks]
+    return [name for name in names if name.startswith("run ")]
+
+
+async def assert_no_run_tasks() -> None:
+    """Asserts (under trio) that every run task of the open registry has returned."""
+    await trio.testing.wait_all_tasks_blocked()
+    assert run_task_names() == []

@@ -1,0 +1,565 @@
+"""AgentExecutionRegistry under trio: runs, dedup, every way a run ends, limits, introspection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from registry import (
+    AgentContext,
+    AgentExecutionRegistry,
+    Config,
+    EventType,
+    InvalidField,
+    MemorySubscriber,
+    Overloaded,
+    RateLimited,
+    RegistryClosed,
+    RunNotFound,
+    RunState,
+    Supervisor,
+    UnknownAgent,
+    get_agent_execution_registry,
+    open_registry,
+)
+from tests.registry._support import (
+    OTHER_USER,
+    USER,
+    assert_no_run_tasks,
+    boom_with_open_tool,
+    chatty,
+    check_run_events,
+    echo,
+    hang,
+    in_tool,
+    make_agents,
+    run_task_names,
+    tool_fails,
+    types_of,
+)
+
+pytestmark = pytest.mark.usefixtures("hang_watchdog")
+
+AGENTS = {"echo": echo, "chatty": chatty, "hang": hang, "in_tool": in_tool,
+          "boom": boom_with_open_tool}
+S, T, TE, TC, P, C = (EventType.AGENT_STARTED, EventType.AGENT_THINKING, EventType.TOOL_EXECUTING,
+                      EventType.TOOL_COMPLETED, EventType.PARTIAL_RESULT,
+                      EventType.AGENT_COMPLETED)
+
+
+def registry(**settings: Any) -> Any:
+    """``open_registry`` with the test agents and ``settings`` applied to Config."""
+    return open_registry(Config(**settings), agents=make_agents(**AGENTS))
+
+
+def start(reg: AgentExecutionRegistry, agent: str, request_id: str = "req-1", *,
+          user: str = USER, sub: MemorySubscriber | None = None, **kw: Any) -> Any:
+    run, _ = reg.start_run(user_id=user, request_id=request_id, agent=agent,
+                           message="hello", subscriber=sub, **kw)
+    return run
+
+
+# ================================================================= completing runs
+async def test_a_run_completes_with_its_result_and_is_unregistered() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        run, duplicate = reg.start_run(user_id=USER, request_id="r", agent="chatty",
+                                       message="hello", subscriber=sub)
+        assert not duplicate
+        assert await run.wait_done() == {"status": "succeeded", "result": "abc"}
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, T, TE, TC, P, P, P, C]
+        assert check_run_events(events)["result"] == "abc"
+        assert {e.thread_id for e in events} == {run.thread_id}
+        assert run.state is RunState.COMPLETED and not run.is_active
+        assert reg.statistics().active_runs == 0
+        assert reg.active_runs() == ()
+        await assert_no_run_tasks()
+
+
+async def test_a_given_thread_id_is_on_every_event() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "echo", sub=sub, thread_id="thread-42")
+        await run.wait_done()
+        assert {e.thread_id for e in sub.received[run.run_id]} == {"thread-42"}
+
+
+async def test_run_ids_are_unguessable_hex_of_128_bits() -> None:
+    async with registry() as reg:
+        ids = {start(reg, "echo", "r", user=f"u{i}").run_id for i in range(20)}
+        assert len(ids) == 20
+        assert all(len(i) >= 32 and int(i, 16) >= 0 for i in ids)
+
+
+# ========================================================================== dedup
+async def test_concurrent_duplicate_starts_make_exactly_one_run() -> None:
+    async with registry() as reg:
+        subs = [MemorySubscriber(USER) for _ in range(100)]
+        answers: list[Any] = []
+
+        async def start_one(sub: MemorySubscriber) -> None:
+            await trio.lowlevel.checkpoint()
+            answers.append(reg.start_run(user_id=USER, request_id="same", agent="hang",
+                                         message="m", subscriber=sub))
+
+        async with trio.open_nursery() as nursery:
+            for sub in subs:
+                nursery.start_soon(start_one, sub)
+        runs = {id(run) for run, _ in answers}
+        assert len(runs) == 1
+        assert sorted(dup for _, dup in answers) == [False] + [True] * 99
+        run = answers[0][0]
+        first = next(s for s in subs if s.received)
+        await first.wait_for(run.run_id, 2)
+        assert types_of(first.received[run.run_id]) == [S, T]
+        assert [s for s in subs if s.received] == [first]
+        assert reg.manager.subscribers(run.run_id) == (first,)
+        stats = reg.statistics()
+        assert (stats.dedup_hits, stats.runs_started, stats.active_runs) == (99, 1, 1)
+
+
+async def test_the_same_request_id_from_two_users_is_two_runs() -> None:
+    async with registry() as reg:
+        mine = start(reg, "hang", "same")
+        theirs = start(reg, "hang", "same", user=OTHER_USER)
+        assert mine.run_id != theirs.run_id
+        assert reg.statistics().dedup_hits == 0
+        assert reg.statistics().active_runs_per_user == {USER: 1, OTHER_USER: 1}
+
+
+async def test_a_request_id_starts_a_new_run_retention_s_after_the_old_one_ended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(retention_s=50) as reg:
+        first = start(reg, "hang", "same")
+        await trio.sleep(30)
+        reg.cancel(first.run_id, USER)
+        await first.wait_done()
+        await trio.sleep(49)
+        again, duplicate = reg.start_run(user_id=USER, request_id="same", agent="echo",
+                                         message="hello")
+        assert (again, duplicate) == (first, True)
+        reg.resume(first.run_id, USER, 0, MemorySubscriber(USER))
+        await trio.sleep(2)
+        with pytest.raises(RunNotFound):
+            reg.get_run(first.run_id, USER)
+        fresh, duplicate = reg.start_run(user_id=USER, request_id="same", agent="echo",
+                                         message="hello")
+        assert not duplicate and fresh.run_id != first.run_id
+        assert reg.statistics().retained_runs == 1
+
+
+# ======================================================================= endings
+async def test_cancel_during_a_tool_closes_it_and_ends_cancelled() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "in_tool", sub=sub)
+        await sub.wait_for(run.run_id, 2)
+        assert run_task_names() == [f"run {run.run_id}"]
+        assert reg.cancel(run.run_id, USER) is True
+        payload = await run.wait_done()
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["call_id"] == events[1].payload["call_id"]
+        assert events[2].payload["status"] == "cancelled"
+        assert payload["status"] == "cancelled" and "error" in payload
+        assert check_run_events(events) == payload
+        assert reg.statistics().active_runs == 0
+        await assert_no_run_tasks()
+
+
+async def test_cancel_of_an_ended_run_is_a_no_op() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "echo", sub=sub)
+        await run.wait_done()
+        assert reg.cancel(run.run_id, USER) is False
+        assert run.status == "succeeded"
+        assert len(sub.received[run.run_id]) == 3
+
+
+async def test_cancel_of_another_users_run_is_not_found() -> None:
+    async with registry() as reg:
+        run = start(reg, "hang")
+        with pytest.raises(RunNotFound):
+            reg.cancel(run.run_id, OTHER_USER)
+        with pytest.raises(RunNotFound):
+            reg.cancel("no-such-run", USER)
+        assert run.is_active
+
+
+async def test_an_agent_exception_fails_the_run_and_errors_its_open_tool() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "boom", sub=sub)
+        payload = await run.wait_done()
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["status"] == "error"
+        assert payload == {"status": "failed", "error": "ValueError: boom"}
+        check_run_events(events)
+        assert reg.statistics().active_runs == 0
+        await assert_no_run_tasks()
+
+
+async def test_a_failing_tool_is_completed_error_by_the_dispatcher() -> None:
+    async def agent(ctx: AgentContext) -> Any:
+        return await ctx.tool("fetch", {"url": "x"}, fn=tool_fails)
+
+    async with open_registry(agents=make_agents(agent=agent)) as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "agent", sub=sub)
+        payload = await run.wait_done()
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["error"] == "LookupError: no such page"
+        assert payload["status"] == "failed"
+
+
+async def test_an_agent_exceeding_agent_timeout_s_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(agent_timeout_s=5) as reg:
+        sub = MemorySubscriber(USER)
+        t0 = trio.current_time()
+        run = start(reg, "in_tool", sub=sub)
+        payload = await run.wait_done()
+        assert trio.current_time() - t0 == pytest.approx(5)
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["status"] == "cancelled"
+        assert payload["status"] == "timed_out" and "agent_timeout_s" in payload["error"]
+        check_run_events(events)
+        assert reg.statistics().active_runs == 0
+        await assert_no_run_tasks()
+
+
+async def test_a_run_nobody_is_subscribed_to_is_cancelled_after_the_detach_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(detached_run_timeout_s=3) as reg:
+        t0 = trio.current_time()
+        run = start(reg, "in_tool")
+        payload = await run.wait_done()
+        assert trio.current_time() - t0 == pytest.approx(3)
+        assert payload["status"] == "cancelled" and "detached" in payload["error"]
+        events = list(run.stream.events_after(0))
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["status"] == "cancelled"
+        assert reg.statistics().active_runs == 0
+        await assert_no_run_tasks()
+
+
+async def test_a_run_whose_last_connection_left_is_cancelled_after_the_detach_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(detached_run_timeout_s=3) as reg:
+        sub = MemorySubscriber(USER)
+        reg.connect(sub)
+        run = start(reg, "hang", sub=sub)
+        await sub.wait_for(run.run_id, 2)
+        await trio.sleep(10)
+        assert run.is_active
+        reg.disconnect(sub)
+        t0 = trio.current_time()
+        payload = await run.wait_done()
+        assert trio.current_time() - t0 == pytest.approx(3)
+        assert payload["status"] == "cancelled"
+        assert len(sub.received[run.run_id]) == 2
+        assert reg.statistics().connections == 0
+
+
+async def test_resubscribing_before_the_detach_deadline_keeps_the_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(detached_run_timeout_s=3) as reg:
+        run = start(reg, "hang")
+        await trio.sleep(2.5)
+        sub = MemorySubscriber(USER)
+        reg.resume(run.run_id, USER, 0, sub)
+        await trio.sleep(100)
+        assert run.is_active
+        assert types_of(sub.received[run.run_id]) == [S, T]
+        reg.cancel(run.run_id, USER)
+        assert (await run.wait_done())["status"] == "cancelled"
+
+
+async def test_the_detach_timeout_counts_from_the_last_subscriber_leaving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(detached_run_timeout_s=3) as reg:
+        t0 = trio.current_time()
+        run = start(reg, "hang")
+        await trio.sleep(1)
+        sub = MemorySubscriber(USER)
+        reg.connect(sub)
+        reg.resume(run.run_id, USER, 0, sub)
+        await trio.sleep(1)
+        reg.disconnect(sub)
+        await run.wait_done()
+        assert trio.current_time() - t0 == pytest.approx(2 + 3)
+
+
+async def test_cleanup_stale_contexts_ends_only_old_runs_and_counts_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = {"stale_context_age_s": 10, "sweep_interval_s": 10_000}
+    async with registry(**config) as reg:
+        old_sub, young_sub = MemorySubscriber(USER), MemorySubscriber(USER)
+        old = start(reg, "in_tool", "old", sub=old_sub)
+        await trio.sleep(11)
+        young = start(reg, "hang", "young", sub=young_sub)
+        assert await reg.cleanup_stale_contexts() == 1
+        assert old.done.is_set() and young.is_active
+        events = old_sub.received[old.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["status"] == "cancelled"
+        assert events[-1].payload["status"] == "cancelled"
+        assert reg.statistics().active_runs == 1
+        assert await reg.cleanup_stale_contexts() == 0
+
+
+async def test_the_sweep_service_ends_stale_runs_by_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(stale_context_age_s=10, sweep_interval_s=4) as reg:
+        sub = MemorySubscriber(USER)
+        t0 = trio.current_time()
+        run = start(reg, "hang", sub=sub)
+        assert (await run.wait_done())["status"] == "cancelled"
+        assert trio.current_time() - t0 == pytest.approx(12)
+
+
+async def test_registry_exit_cancels_runs_in_flight_and_leaves_nothing() -> None:
+    subs = [MemorySubscriber(USER) for _ in range(3)]
+    nurseries_before = list(trio.lowlevel.current_task().child_nurseries)
+    async with registry() as reg:
+        runs = [start(reg, "in_tool", f"r{i}", sub=sub) for i, sub in enumerate(subs)]
+        idle = start(reg, "hang", "idle")
+        for run, sub in zip(runs, subs, strict=True):
+            await sub.wait_for(run.run_id, 2)
+        assert len(run_task_names()) == 4
+    assert trio.lowlevel.current_task().child_nurseries == nurseries_before
+    for run, sub in zip(runs, subs, strict=True):
+        assert run.done.is_set() and run.state is RunState.COMPLETED
+        events = sub.received[run.run_id]
+        assert types_of(events) == [S, TE, TC, C]
+        assert events[2].payload["status"] == "cancelled"
+        assert check_run_events(events)["status"] == "cancelled"
+    assert idle.status == "cancelled"
+    stats = reg.statistics()
+    assert (stats.active_runs, stats.runs_completed) == (0, 4)
+    assert stats.runs_by_status == {"cancelled": 4}
+
+
+async def test_an_error_in_the_block_still_ends_every_run() -> None:
+    sub = MemorySubscriber(USER)
+    with pytest.raises(KeyError):
+        async with registry() as reg:
+            run = start(reg, "in_tool", sub=sub)
+            await sub.wait_for(run.run_id, 2)
+            raise KeyError("oops")
+    assert types_of(sub.received[run.run_id]) == [S, TE, TC, C]
+    assert run.status == "cancelled"
+    assert reg.statistics().active_runs == 0
+
+
+async def test_an_error_in_the_block_propagates_unwrapped() -> None:
+    """Like trio-websocket's ``open_websocket``: the registry's own nursery is invisible."""
+    with pytest.raises(KeyError):
+        async with registry():
+            raise KeyError("oops")
+
+
+async def test_cancelling_the_block_from_outside_still_ends_every_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sub = MemorySubscriber(USER)
+    with trio.move_on_after(5):
+        async with registry() as reg:
+            run = start(reg, "in_tool", sub=sub)
+            await trio.sleep_forever()
+    assert types_of(sub.received[run.run_id]) == [S, TE, TC, C]
+    assert run.status == "cancelled"
+
+
+# ======================================================================== limits
+async def test_a_user_at_max_active_runs_per_user_is_rate_limited() -> None:
+    async with registry(max_active_runs_per_user=2) as reg:
+        first = start(reg, "hang", "a")
+        start(reg, "hang", "b")
+        with pytest.raises(RateLimited):
+            start(reg, "hang", "c")
+        assert reg.start_run(user_id=USER, request_id="a", agent="hang",
+                             message="m") == (first, True)
+        start(reg, "hang", "c", user=OTHER_USER)
+        reg.cancel(first.run_id, USER)
+        await first.wait_done()
+        assert start(reg, "hang", "c").is_active
+
+
+async def test_a_registry_at_max_active_runs_is_overloaded() -> None:
+    async with registry(max_active_runs=2) as reg:
+        first = start(reg, "hang", "a")
+        start(reg, "hang", "b", user=OTHER_USER)
+        with pytest.raises(Overloaded):
+            start(reg, "hang", "c", user="carol")
+        assert reg.start_run(user_id=USER, request_id="a", agent="hang",
+                             message="m") == (first, True)
+        assert reg.statistics().runs_started == 2
+
+
+async def test_rate_limited_wins_over_overloaded() -> None:
+    async with registry(max_active_runs=2, max_active_runs_per_user=2) as reg:
+        start(reg, "hang", "a")
+        start(reg, "hang", "b")
+        with pytest.raises(RateLimited):
+            start(reg, "hang", "c")
+
+
+async def test_an_unknown_agent_is_refused_and_starts_nothing() -> None:
+    async with registry() as reg:
+        with pytest.raises(UnknownAgent):
+            start(reg, "nope")
+        assert reg.statistics().runs_started == 0
+
+
+async def test_a_context_the_agent_refuses_is_invalid_field_and_starts_nothing() -> None:
+    def validate(context: Any) -> None:
+        if not isinstance(context.get("tools"), int):
+            raise InvalidField("context.tools", "tools must be a whole number")
+
+    agents = make_agents()
+    agents.register("picky", echo, validate=validate)
+    async with open_registry(agents=agents) as reg:
+        with pytest.raises(InvalidField) as info:
+            start(reg, "picky", context={"tools": "many"})
+        assert info.value.field == "context.tools"
+        assert reg.statistics().runs_started == 0
+        run = start(reg, "picky", context={"tools": 2})
+        assert run.context == {"tools": 2}
+
+
+async def test_a_foreign_subscriber_is_refused_without_leaking_a_run() -> None:
+    async with registry(max_active_runs_per_user=1) as reg:
+        with pytest.raises(RunNotFound):
+            start(reg, "hang", sub=MemorySubscriber(OTHER_USER))
+        leaked = reg.statistics().active_runs
+        if leaked:  # a leaked run has no task: unblock the exit so this failure cannot hang
+            reg._idle.set()
+        assert leaked == 0
+        assert start(reg, "hang", "next").is_active
+
+
+# ================================================================ who sees what
+async def test_events_reach_only_subscribed_connections_of_the_user() -> None:
+    async with registry() as reg:
+        starter, bystander, stranger = (MemorySubscriber(USER), MemorySubscriber(USER),
+                                        MemorySubscriber(OTHER_USER))
+        for connection in (starter, bystander, stranger):
+            reg.connect(connection)
+        run = start(reg, "echo", sub=starter)
+        await run.wait_done()
+        assert len(starter.received[run.run_id]) == 3
+        assert not bystander.received and not stranger.received
+        with pytest.raises(RunNotFound):
+            reg.resume(run.run_id, USER, 0, stranger)
+        reg.resume(run.run_id, USER, 0, bystander)
+        assert bystander.received[run.run_id] == starter.received[run.run_id]
+
+
+async def test_supervisor_run_agent_waits_for_the_terminal_payload() -> None:
+    async with registry() as reg:
+        payload = await reg.supervisor.run_agent("echo", USER, "hi", request_id="r")
+        assert payload == {"status": "succeeded", "result": "hi"}
+
+
+async def test_a_supervisor_without_registry_refuses_to_run() -> None:
+    with pytest.raises(RuntimeError):
+        await Supervisor().run_agent("echo", USER, "hi", request_id="r")
+
+
+# ========================================================= statistics and health
+async def test_statistics_count_runs_events_and_connections() -> None:
+    async with registry() as reg:
+        sub = MemorySubscriber(USER)
+        reg.connect(sub)
+        done = start(reg, "chatty", "a", sub=sub)
+        await done.wait_done()
+        cancelled = start(reg, "hang", "b", sub=sub)
+        await sub.wait_for(cancelled.run_id, 2)
+        reg.cancel(cancelled.run_id, USER)
+        await cancelled.wait_done()
+        start(reg, "hang", "c")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = reg.statistics()
+        assert (stats.runs_started, stats.runs_completed, stats.active_runs) == (3, 2, 1)
+        assert stats.runs_by_status == {"succeeded": 1, "cancelled": 1}
+        assert stats.active_runs_per_user == {USER: 1}
+        assert (stats.retained_runs, stats.connections) == (3, 1)
+        assert (stats.events_emitted, stats.events_delivered) == (8 + 3 + 2, 8 + 3)
+        assert (stats.events_failed, stats.events_retried, stats.dedup_hits) == (0, 0, 0)
+
+
+async def test_health_is_ok_then_degraded_when_deliveries_fail() -> None:
+    async with registry(delivery_retries=1) as reg:
+        assert reg.health().ok
+        run = start(reg, "echo", sub=MemorySubscriber(USER, fail_times=1))
+        await run.wait_done()
+        health = reg.health()
+        assert health.status == "degraded" and not health.ok
+        assert any("failed" in reason for reason in health.reasons)
+
+
+async def test_health_is_degraded_near_max_active_runs() -> None:
+    async with registry(max_active_runs=10) as reg:
+        for i in range(8):
+            start(reg, "hang", f"r{i}", user=f"u{i}")
+        assert reg.health().ok
+        start(reg, "hang", "r9", user="u9")
+        assert reg.health().status == "degraded"
+
+
+async def test_health_is_unhealthy_while_closing() -> None:
+    seen: list[str] = []
+
+    async def watcher(ctx: AgentContext) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen.append(ctx.registry.health().status)
+
+    async with open_registry(agents=make_agents(watcher=watcher)) as reg:
+        start(reg, "watcher")
+        await trio.testing.wait_all_tasks_blocked()
+        assert reg.health().ok
+    assert seen == ["unhealthy"]
+    assert reg.health().status == "unhealthy"
+
+
+async def test_a_closed_registry_refuses_new_runs() -> None:
+    async with registry() as reg:
+        run = start(reg, "hang")
+        await reg.aclose_runs()
+        assert run.status == "cancelled"
+        with pytest.raises(RegistryClosed):
+            start(reg, "hang", "later")
+        with pytest.raises(RegistryClosed):
+            await reg.initialize()
+        assert reg.statistics().active_runs == 0
+
+
+async def test_get_agent_execution_registry_is_the_innermost_open_one() -> None:
+    with pytest.raises(RuntimeError):
+        get_agent_execution_registry()
+    async with registry() as outer:
+        assert get_agent_execution_registry() is outer
+        async with registry() as inner:
+            assert get_agent_execution_registry() is inner
+        assert get_agent_execution_registry() is outer
+    with pytest.raises(RuntimeError):
+        get_agent_execution_registry()
