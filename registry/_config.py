@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, final
 
@@ -27,24 +28,20 @@ class ConfigError(ValueError):
         self.source = source
 
 
+_WHOLE: Final = re.compile(r"\s*\d+\s*")
+_DECIMAL: Final = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
+
+
 def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 1, got {raw!r}") from None
-    if value < 1:
+    if not _WHOLE.fullmatch(raw) or int(raw) < 1:
         raise ValueError(f"expected a whole number >= 1, got {raw!r}")
-    return value
+    return int(raw)
 
 
 def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"expected a number of seconds > 0, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
+    if not _DECIMAL.fullmatch(raw) or not 0 < float(raw) < float("inf"):
         raise ValueError(f"expected a number of seconds > 0, got {raw!r}")
-    return value
+    return float(raw)
 
 
 def _secret(raw: str) -> str:
@@ -72,10 +69,11 @@ class Setting:
 
 
 def _check_positive(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(attribute.name, attribute.name, f"must be > 0, got {value!r}")
-    if isinstance(value, float) and value == float("inf"):
-        raise ConfigError(attribute.name, attribute.name, "must be finite")
+    whole = attribute.type in ("int", int)
+    kinds = int if whole else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        wanted = "a whole number >= 1" if whole else "a finite number > 0"
+        raise ConfigError(attribute.name, attribute.name, f"must be {wanted}, got {value!r}")
 
 
 _pos = _check_positive

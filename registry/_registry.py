@@ -24,7 +24,7 @@ from registry._errors import (
     RegistryClosed,
     RunNotFound,
 )
-from registry._events import Event, EventType, PayloadError, RunStatus, validate_payload
+from registry._events import Event, EventType, RunStatus, validate_payload
 from registry._lifecycle import Trigger
 from registry._manager import DeliveryError, Subscriber, WebSocketManager
 from registry._stream import RunStream, SeqOutOfRange, StreamError
@@ -380,7 +380,7 @@ class AgentExecutionRegistry:
         for event in unsent:
             behind.update(self.manager.deliverable(run.run_id, event.seq))
         for connection in behind:
-            self._give_up(run, connection, exc)
+            self._give_up(run, connection, exc, failed=False)
 
     async def _send(self, run: AgentExecutionContext, connection: Subscriber, event: Event) -> bool:
         attempts = self.config.delivery_retries
@@ -392,6 +392,9 @@ class AgentExecutionRegistry:
                     return self._give_up(run, connection, exc)
                 self._counts["events_retried"] += 1
                 await anyio.sleep(self.config.retry_delay_s)
+            except Exception as exc:  # a bug in the transport: never retried, never raised
+                log.exception("subscriber crashed run_id=%s user_id=%s", run.run_id, run.user_id)
+                return self._give_up(run, connection, exc)
             else:
                 self._counts["events_delivered"] += 1
                 return True
@@ -410,11 +413,16 @@ class AgentExecutionRegistry:
             await connection.send_event(event)
 
     def _give_up(
-        self, run: AgentExecutionContext, connection: Subscriber, exc: BaseException
+        self, run: AgentExecutionContext, connection: Subscriber, exc: BaseException,
+        *, failed: bool = True,
     ) -> bool:
-        self._counts["events_failed"] += 1
-        log.warning("delivery failed run_id=%s user_id=%s after %d attempts: %r", run.run_id,
-                    run.user_id, self.config.delivery_retries, exc)
+        """Unsubscribes ``connection`` from the run; it must resume to get more events.
+
+        ``failed`` counts a delivery failure; a cancellation that cut a fan-out short is not one.
+        """
+        if failed:
+            self._counts["events_failed"] += 1
+            log.warning("delivery failed run_id=%s user_id=%s: %r", run.run_id, run.user_id, exc)
         self.manager.unsubscribe(connection, run.run_id)
         connection.detach(run.run_id)
         self._maybe_detached(run)
@@ -521,17 +529,14 @@ class AgentExecutionRegistry:
         return True
 
     async def _finish(self, run: AgentExecutionContext) -> None:
+        """Emits the closing events (validated when decided), then unregisters, always."""
         assert run.final_payload is not None
         try:
-            events = run.stream.finish(run.final_payload, time.time())
-        except (StreamError, PayloadError) as exc:
-            log.error("bad terminal payload run_id=%s: %s", run.run_id, exc)
-            run.final_payload = {"status": "failed", "error": f"invalid completion: {exc}"}
-            events = run.stream.finish(run.final_payload, time.time())
-        await self._deliver(run, events)
-        run.lifecycle.fire(Trigger.COMPLETE)
-        self._unregister(run)
-        run.done.set()
+            await self._deliver(run, run.stream.finish(run.final_payload, time.time()))
+        finally:
+            run.lifecycle.fire(Trigger.COMPLETE)
+            self._unregister(run)
+            run.done.set()
 
     def _unregister(self, run: AgentExecutionContext) -> None:
         del self._active[run.run_id]

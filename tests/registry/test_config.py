@@ -121,6 +121,13 @@ def test_an_invalid_flag_is_refused_even_when_the_variable_is_valid() -> None:
         Config.from_env({"REGISTRY_AGENT_TIMEOUT_S": "2"}, {"agent_timeout_s": "0"})
 
 
+def test_a_valid_flag_wins_over_an_invalid_variable() -> None:
+    config = Config.from_env({"REGISTRY_AGENT_TIMEOUT_S": "abc"}, {"agent_timeout_s": "4"})
+    assert config.agent_timeout_s == 4
+    with pytest.raises(ConfigError, match="REGISTRY_RETENTION_S"):
+        Config.from_env({"REGISTRY_RETENTION_S": "abc"}, {"agent_timeout_s": "4"})
+
+
 def test_an_empty_secret_is_refused() -> None:
     with pytest.raises(ConfigError, match="REGISTRY_AUTH_SECRET"):
         Config.from_env({"REGISTRY_AUTH_SECRET": ""})

@@ -451,3 +451,44 @@ async def test_an_immediate_delivery_subscriber_is_retried_too(
         assert await reg.ensure_event_delivery(ctx, "agent_started", {"agent": "triage"})
         assert sub.seqs == [1]
         assert reg.statistics().events_retried == 1
+
+
+async def test_a_subscriber_raising_an_unexpected_error_never_reaches_the_agent() -> None:
+    """ensure_event_delivery "never raises into the agent": a broken transport is given up on."""
+    class Broken(FlakySubscriber):
+        async def send_event(self, event: Event) -> None:
+            raise RuntimeError("transport bug")
+
+    async with registry() as reg:
+        broken, steady = Broken(USER, set()), MemorySubscriber(USER)
+        run, _ = reg.start_run(user_id=USER, request_id="r", agent="chatty", message="m",
+                               subscriber=broken)
+        reg.resume(run.run_id, USER, 0, steady)
+        assert await run.wait_done() == {"status": "succeeded", "result": "abc"}
+        check_run_events(steady.received[run.run_id])
+        assert not reg.manager.is_subscribed(broken, run.run_id)
+
+
+async def test_a_run_cancelled_while_parallel_emits_wait_their_turn_leaves_no_gap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def parallel(ctx: AgentContext) -> Any:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctx.think, "one")
+            nursery.start_soon(ctx.think, "two")
+        await trio.sleep_forever()
+
+    async with open_registry(Config(retry_delay_s=1), agents=make_agents(p=parallel)) as reg:
+        flaky, steady = FlakySubscriber(USER, {2}), MemorySubscriber(USER)
+        run, _ = reg.start_run(user_id=USER, request_id="r", agent="p", message="m",
+                               subscriber=flaky)
+        reg.resume(run.run_id, USER, 0, steady)
+        await trio.sleep(0.5)  # seq 2 waits on flaky's retry, seq 3 waits for its turn
+        reg.cancel(run.run_id, USER)
+        await run.wait_done()
+        for seqs in (flaky.seqs, steady.seqs(run.run_id)):
+            assert seqs == list(range(1, len(seqs) + 1)), seqs
+        late = MemorySubscriber(USER)
+        reg.resume(run.run_id, USER, 0, late)
+        assert check_run_events(late.received[run.run_id])["status"] == "cancelled"
+        assert late.seqs(run.run_id) == [1, 2, 3, 4]

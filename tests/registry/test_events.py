@@ -116,6 +116,22 @@ def test_json_round_trip_of_any_text(text: str, seq: int, ts: float) -> None:
     assert Event.from_json(event.json) == event
 
 
+def strict_loads(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_json_form_is_strict_even_for_nan_and_infinity(bad: float) -> None:
+    payload = {"status": "succeeded", "result": {"x": bad, 1: [bad, (2.5, bad)], "ok": "y"}}
+    event = Event(EventType.AGENT_COMPLETED, "r", "t", 2, 0.0, payload)
+    wire = strict_loads(event.json)
+    assert wire["payload"]["result"] == {"x": None, "1": [None, [2.5, None]], "ok": "y"}
+    assert wire["seq"] == 2
+
+
 def test_integer_ts_is_read_as_float() -> None:
     event = Event.from_dict(frame(ts=5))
     assert event.ts == 5.0 and isinstance(event.ts, float)
