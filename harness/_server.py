@@ -1,7 +1,7 @@
 """The WebSocket server of PROTOCOL.md on trio-websocket, on top of the registry.
 
 Each socket has one reader task (parses client frames, calls the registry) and one writer
-task (drains the socket's bounded outbound queue), plus a keepalive task. Nothing a socket
+task (drains the socket's bounded outbound queue); one service pings every socket. Nothing a socket
 does can block a run, another socket or the server: the registry hands events to a socket
 without waiting, and a handler that crashes is logged and closes only its own socket (1011).
 """
@@ -70,7 +70,7 @@ class ChatServer:
         self.registry = registry
         self.config = config
         self.secret: str = config.auth_secret
-        self.connections: set[SocketConnection] = set()
+        self.connections: dict[SocketConnection, WebSocketConnection] = {}
         self._all_closed = trio.Event()
         self._all_closed.set()
 
@@ -99,7 +99,7 @@ class ChatServer:
 
     async def _run_socket(self, request: WebSocketRequest, conn: SocketConnection) -> None:
         ws = await request.accept()
-        self.connections.add(conn)
+        self.connections[conn] = ws
         self._all_closed = trio.Event()
         try:
             await self._serve_socket(ws, conn)
@@ -109,7 +109,7 @@ class ChatServer:
             with trio.move_on_after(_CLOSE_TIMEOUT_S):
                 await ws.aclose(CLOSE_INTERNAL, "internal error")
         finally:
-            self.connections.discard(conn)
+            self.connections.pop(conn, None)
             if not self.connections:
                 self._all_closed.set()
 
@@ -123,7 +123,6 @@ class ChatServer:
         writer_done = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, ws, conn)
-            nursery.start_soon(self._keepalive, ws, conn)
             nursery.start_soon(self._writer, ws, conn, writer_done)
             await conn.wait_close_requested()
             self.registry.disconnect(conn)
@@ -206,19 +205,30 @@ class ChatServer:
         conn.send_control(pong_frame(command.id))
 
     # ---------------------------------------------------------- keepalive
-    async def _keepalive(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
-        """Pings every ``ping_interval_s``; closes a peer silent for ``ping_timeout_s``."""
-        try:
+    async def keepalive(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Pings every socket every ``ping_interval_s``; closes one silent for ``ping_timeout_s``.
+
+        One service for all sockets: a ping task exists only while a ping is in flight, so
+        an idle socket costs no task of its own for keepalive.
+        """
+        async with trio.open_nursery() as pings:
+            task_status.started()
             while True:
                 await trio.sleep(self.config.ping_interval_s)
-                with trio.move_on_after(self.config.ping_timeout_s) as scope:
-                    await ws.ping()
-                if scope.cancelled_caught:
-                    log.info("keepalive timeout user_id=%s %s", conn.user_id, conn.label)
-                    conn.close(CLOSE_INTERNAL, "keepalive ping timeout")
-                    return
-        except ConnectionClosed:
-            return
+                for conn, ws in list(self.connections.items()):
+                    pings.start_soon(self._keepalive_ping, ws, conn)
+
+    async def _keepalive_ping(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
+        with trio.move_on_after(self.config.ping_timeout_s) as scope:
+            try:
+                await ws.ping()
+            except ConnectionClosed:
+                return
+        if scope.cancelled_caught:
+            log.info("keepalive timeout user_id=%s %s", conn.user_id, conn.label)
+            conn.close(CLOSE_INTERNAL, "keepalive ping timeout")
 
     # ----------------------------------------------------------- shutdown
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "shutdown") -> None:
@@ -270,6 +280,7 @@ async def serve(
     async with open_registry(config, agents=agents, tools=tools) as registry:
         server = ChatServer(registry, config)
         async with trio.open_nursery() as sockets:
+            await sockets.start(server.keepalive)
             async with trio.open_nursery() as listening:
                 ws_server = await listening.start(functools.partial(
                     trio_websocket.serve_websocket, server.handle, host, port, None,
