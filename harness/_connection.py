@@ -195,6 +195,16 @@ class SocketConnection:
             return event.json, run_id, event.seq
         return None
 
+    def next_frames(self, limit: int) -> list[tuple[str, str | None, int]]:
+        """Up to ``limit`` frames to send now, in the order :meth:`next_frame` gives them."""
+        batch: list[tuple[str, str | None, int]] = []
+        while len(batch) < limit:
+            item = self.next_frame()
+            if item is None:
+                break
+            batch.append(item)
+        return batch
+
     def _take(self, copy: _RunCopy) -> Event:
         if copy.replay_pos < len(copy.replay):
             event = copy.replay[copy.replay_pos]

@@ -19,6 +19,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from harness._auth import AuthError, token_from_request, verify_token
+from harness._batch import send_frames
 from harness._connection import CLOSE_GOING_AWAY, SocketConnection
 from harness._protocol import (
     Ack,
@@ -51,6 +52,8 @@ PATH: Final = "/ws"
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_ABNORMAL: Final = 1006
+#: Most frames written to a socket in one syscall.
+_MAX_BATCH: Final = 64
 #: How long a socket gets to take its close frame before the TCP connection is dropped.
 _CLOSE_TIMEOUT_S: Final = 2.0
 
@@ -137,15 +140,15 @@ class ChatServer:
         """Drains ``conn``'s queue; once a close is requested and the queue is empty, closes."""
         try:
             while True:
-                item = conn.next_frame()
-                if item is None:
+                batch = conn.next_frames(_MAX_BATCH)
+                if not batch:
                     if conn.close_code is not None:
                         break
                     await conn.wait_for_work()
                     continue
-                frame, run_id, seq = item
-                await ws.send_message(frame)
-                conn.sent(run_id, seq)
+                await send_frames(ws, [frame for frame, _, _ in batch])
+                for _, run_id, seq in batch:
+                    conn.sent(run_id, seq)
             with trio.move_on_after(_CLOSE_TIMEOUT_S):
                 await ws.aclose(conn.close_code or CLOSE_INTERNAL, conn.close_reason or None)
         except ConnectionClosed:
