@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: load demo test lint bench bench-smoke load-smoke clean
+.PHONY: load demo test lint bench bench-report bench-smoke load-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ test: $(STAMP) lint  ## ruff, mypy --strict, pytest with coverage
 
 lint: $(STAMP)
 	$(PY) -m ruff check registry harness loadtests benchmarks tests
-	$(PY) -m mypy registry harness
+	$(PY) -m mypy registry harness loadtests benchmarks
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-report: $(STAMP)  ## redraw benchmarks/REPORT.md and plots from the JSON results
+	$(PY) -m benchmarks.run --report-only
 
 bench-smoke: $(STAMP)
 	$(PY) -m benchmarks.run --smoke

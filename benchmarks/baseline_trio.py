@@ -1,11 +1,13 @@
 """A bare trio-websocket server speaking the benchmark subset of PROTOCOL.md, with no registry.
 
 It is the baseline the registry's overhead is measured against: the same ``scripted`` agent,
-the same JSON envelope, sent straight from the run task to the socket with
-``WebSocketConnection.send_message``. It keeps what a fair comparison needs and nothing more:
-optional JWT auth (on when ``REGISTRY_AUTH_SECRET`` is set), ``start_agent`` (``scripted``,
-``research``, ``echo``), an in-memory log per run so ``resume`` can replay, ``ack`` (ignored),
-``cancel`` and ``ping``. No limits, no queues, no keepalive, no timeouts.
+the same JSON envelope, the same fan-out shape (the run task never waits on a socket: it puts
+the serialized event in each subscribed socket's unbounded outbox, which that socket's writer
+task drains with ``WebSocketConnection.send_message``). It keeps what a fair comparison needs
+and nothing more: optional JWT auth (on when ``REGISTRY_AUTH_SECRET`` is set), ``start_agent``
+(``scripted``, ``research``, ``echo``), an in-memory log per run so ``resume`` can replay,
+``ack`` (ignored), ``cancel`` and ``ping``. No limits, no backpressure, no keepalive, no
+timeouts, no lifecycle.
 
 Run: ``python -m benchmarks.baseline_trio [--host 127.0.0.1] [--port 0]``; the first stdout line
 is ``listening on ws://HOST:PORT/ws``; SIGINT/SIGTERM exit 0.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -33,14 +36,44 @@ from benchmarks.agents import InvalidField, Step, envelope, steps_for
 
 @final
 @attrs.define(eq=False)
+class Peer:
+    """One accepted socket and the unbounded outbox its writer task drains."""
+
+    ws: WebSocketConnection
+    user: str
+    outbox: trio.MemorySendChannel[str]
+
+    def push(self, text: str) -> None:
+        """Queue one serialized frame (never blocks; a closed socket drops it)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self.outbox.send_nowait(text)
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        """Queue one frame."""
+        self.push(json.dumps(frame))
+
+
+async def write_all(
+    ws: WebSocketConnection, inbox: trio.MemoryReceiveChannel[str], done: trio.CancelScope
+) -> None:
+    """Send every queued frame, in order, until the socket closes; then cancel ``done``."""
+    with contextlib.suppress(ConnectionClosed):
+        async with inbox:
+            async for text in inbox:
+                await ws.send_message(text)
+    done.cancel()
+
+
+@final
+@attrs.define(eq=False)
 class Run:
-    """One run: its log of serialized events and the sockets subscribed to it."""
+    """One run: its log of serialized events and the next seq of each subscribed socket."""
 
     run_id: str
     thread_id: str
     user: str
     log: list[str] = attrs.field(factory=list)
-    cursors: dict[WebSocketConnection, int] = attrs.field(factory=dict)
+    cursors: dict[Peer, int] = attrs.field(factory=dict)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
 
@@ -59,7 +92,7 @@ class Baseline:
     requests: dict[tuple[str, str], str] = attrs.field(factory=dict)
 
     async def handle(self, request: WebSocketRequest) -> None:
-        """Serve one connection: check path and auth, then answer frames until it closes."""
+        """Serve one connection: check path and auth, then read and write until it closes."""
         if serverkit.path_of(request.path) != "/ws":
             await request.reject(404)
             return
@@ -67,45 +100,49 @@ class Baseline:
         if user is None:
             await request.reject(401)
             return
-        ws = await request.accept()
+        outbox, inbox = trio.open_memory_channel[str](math.inf)
+        peer = Peer(await request.accept(), user, outbox)
         try:
-            while True:
-                await self.on_frame(ws, user, await ws.get_message())
-        except ConnectionClosed:
-            pass
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_all, peer.ws, inbox, nursery.cancel_scope)
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        self.on_frame(peer, await peer.ws.get_message())
+                nursery.cancel_scope.cancel()
         finally:
+            outbox.close()
             for run in self.runs.values():
-                run.cursors.pop(ws, None)
+                run.cursors.pop(peer, None)
 
-    async def on_frame(self, ws: WebSocketConnection, user: str, text: str | bytes) -> None:
+    def on_frame(self, peer: Peer, text: str | bytes) -> None:
         """Answer one client frame."""
         frame = serverkit.parse_frame(text)
         kind = frame["type"]
         if kind == "error":
-            await send(ws, frame)
+            peer.reply(frame)
         elif kind == "start_agent":
-            await self.start(ws, user, frame)
+            self.start(peer, frame)
         elif kind == "resume":
-            await self.resume(ws, user, frame)
+            self.resume(peer, frame)
         elif kind == "ping":
-            await send(ws, {"type": "pong", "id": frame.get("id")})
-        elif kind == "cancel" and (run := self._owned(user, frame.get("run_id"))):
+            peer.reply({"type": "pong", "id": frame.get("id")})
+        elif kind == "cancel" and (run := self._owned(peer.user, frame.get("run_id"))):
             run.cancel_scope.cancel()
 
-    async def start(self, ws: WebSocketConnection, user: str, frame: dict[str, Any]) -> None:
-        """Start a run (or answer a duplicate) and subscribe ``ws`` to it."""
+    def start(self, peer: Peer, frame: dict[str, Any]) -> None:
+        """Start a run (or answer a duplicate) and subscribe ``peer`` to it."""
         request_id = frame.get("request_id")
-        known = self.requests.get((user, str(request_id)))
+        known = self.requests.get((peer.user, str(request_id)))
         if serverkit.start_error(frame) is None and known in self.runs:
-            await send(ws, accepted(request_id, self.runs[known], duplicate=True))
+            peer.reply(accepted(request_id, self.runs[known], duplicate=True))
             return
         steps = plan(frame)
         if isinstance(steps, dict):
-            await send(ws, steps)
+            peer.reply(steps)
             return
-        run = self._new_run(user, str(request_id), frame.get("thread_id"))
-        run.cursors[ws] = 1
-        await send(ws, accepted(request_id, run, duplicate=False))
+        run = self._new_run(peer.user, str(request_id), frame.get("thread_id"))
+        run.cursors[peer] = 1
+        peer.reply(accepted(request_id, run, duplicate=False))
         self.nursery.start_soon(self.drive, run, steps)
 
     def _new_run(self, user: str, request_id: str, thread_id: str | None) -> Run:
@@ -121,37 +158,37 @@ class Baseline:
             for step in steps:
                 if step.delay_s:
                     await trio.sleep(step.delay_s)
-                await self.emit(run, step.type, step.payload)
+                self.emit(run, step.type, step.payload)
         if len(run.log) < len(steps):
-            await self.end_cancelled(run)
+            self.end_cancelled(run)
         await trio.sleep(self.retention_s)
         del self.runs[run.run_id]
 
-    async def end_cancelled(self, run: Run) -> None:
+    def end_cancelled(self, run: Run) -> None:
         """End a cancelled run: complete its open tool, then ``agent_completed`` cancelled."""
         last = json.loads(run.log[-1]) if run.log else {}
         if last.get("type") == "tool_executing":
             call = {k: last["payload"][k] for k in ("tool", "call_id")}
-            await self.emit(run, "tool_completed", {**call, "status": "cancelled", "error": "x"})
-        await self.emit(run, "agent_completed", {"status": "cancelled", "error": "cancelled"})
+            self.emit(run, "tool_completed", {**call, "status": "cancelled", "error": "x"})
+        self.emit(run, "agent_completed", {"status": "cancelled", "error": "cancelled"})
 
-    async def emit(self, run: Run, etype: str, payload: dict[str, Any]) -> None:
-        """Append one event to the run's log and send it to every socket at that seq."""
+    def emit(self, run: Run, etype: str, payload: dict[str, Any]) -> None:
+        """Append one event to the run's log and queue it for every socket at that seq."""
         seq = len(run.log) + 1
         text = json.dumps(envelope(etype, run.run_id, run.thread_id, seq, time.time(), payload))
         run.log.append(text)
         self.emitted += 1
         copies = 1 if not self.fault_every or self.emitted % self.fault_every else self.fault
-        for ws, cursor in list(run.cursors.items()):
+        for peer, cursor in run.cursors.items():
             if cursor == seq:
-                run.cursors[ws] = seq + 1
+                run.cursors[peer] = seq + 1
                 for _ in range(copies):
-                    await send_text(run, ws, text)
+                    peer.push(text)
 
-    async def resume(self, ws: WebSocketConnection, user: str, frame: dict[str, Any]) -> None:
-        """Subscribe ``ws`` to a run and replay its log after ``after_seq``."""
+    def resume(self, peer: Peer, frame: dict[str, Any]) -> None:
+        """Subscribe ``peer`` to a run and queue its log after ``after_seq``."""
         problem = serverkit.seq_field_error(frame, "after_seq")
-        run = None if problem else self._owned(user, frame["run_id"])
+        run = None if problem else self._owned(peer.user, frame["run_id"])
         if problem is None and run is None:
             problem = serverkit.error("not_found", "no such run", run_id=frame["run_id"])
         elif run is not None and frame["after_seq"] > len(run.log):
@@ -159,17 +196,11 @@ class Baseline:
                 "invalid_field", "beyond", field="after_seq", run_id=run.run_id
             )
         if problem is not None or run is None:
-            await send(ws, problem or {})
+            peer.reply(problem or {})
             return
-        run.cursors[ws] = frame["after_seq"] + 1
-        await self.replay(run, ws)
-
-    async def replay(self, run: Run, ws: WebSocketConnection) -> None:
-        """Send logged events to ``ws`` until it has caught up with the live stream."""
-        while ws in run.cursors and run.cursors[ws] <= len(run.log):
-            seq = run.cursors[ws]
-            run.cursors[ws] = seq + 1
-            await send_text(run, ws, run.log[seq - 1])
+        for text in run.log[frame["after_seq"] :]:
+            peer.push(text)
+        run.cursors[peer] = len(run.log) + 1
 
     def _owned(self, user: str, run_id: object) -> Run | None:
         """Return the run ``run_id`` when it belongs to ``user``."""
@@ -201,20 +232,6 @@ def accepted(request_id: object, run: Run, *, duplicate: bool) -> dict[str, Any]
         "thread_id": run.thread_id,
         "duplicate": duplicate,
     }
-
-
-async def send(ws: WebSocketConnection, frame: dict[str, Any]) -> None:
-    """Send one frame, ignoring a socket that already closed."""
-    with contextlib.suppress(ConnectionClosed):
-        await ws.send_message(json.dumps(frame))
-
-
-async def send_text(run: Run, ws: WebSocketConnection, text: str) -> None:
-    """Send one serialized event; a closed socket is unsubscribed."""
-    try:
-        await ws.send_message(text)
-    except ConnectionClosed:
-        run.cursors.pop(ws, None)
 
 
 async def serve(host: str, port: int, state_args: dict[str, Any]) -> None:

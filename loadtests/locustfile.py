@@ -38,6 +38,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,52 +75,35 @@ class StartRefused(Exception):
     """The server answered ``start_agent`` with an error, or not at all."""
 
 
+OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
+    ("--p95-ms", float, 500.0, "fail when the p95 delivery latency of WS events exceeds this (ms)"),
+    (
+        "--p99-ms",
+        float,
+        1000.0,
+        "fail when the p99 delivery latency of WS events exceeds this (ms)",
+    ),
+    ("--drop-fraction", float, 0.1, "fraction of users that drop their socket mid-run and resume"),
+    ("--agent-mix", str, "scripted:3,research:1", "agent weights, e.g. scripted:3,research:1"),
+    ("--run-timeout-s", float, 60.0, "a run not ended after this long is unterminated"),
+    ("--think-min-s", float, 1.0, "shortest think time between two messages (s)"),
+    ("--think-max-s", float, 4.0, "longest think time between two messages (s)"),
+    (
+        "--events-out",
+        str,
+        os.environ.get("LOADTEST_EVENTS_OUT", ""),
+        "directory where each process writes events-<pid>.json at test stop",
+    ),
+)
+"""The load test's own options: flag, type, default, help (env ``LOCUST_<FLAG>`` too)."""
+
+
 def _add_options(parser: Any, **_: Any) -> None:
     """Register the load test's own command-line options."""
     group = parser.add_argument_group("registry load test")
-    add = group.add_argument
-    add(
-        "--p95-ms",
-        type=float,
-        default=500.0,
-        env_var="LOCUST_P95_MS",
-        help="fail when the p95 delivery latency of WS events exceeds this (ms)",
-    )
-    add(
-        "--p99-ms",
-        type=float,
-        default=1000.0,
-        env_var="LOCUST_P99_MS",
-        help="fail when the p99 delivery latency of WS events exceeds this (ms)",
-    )
-    add(
-        "--drop-fraction",
-        type=float,
-        default=0.1,
-        env_var="LOCUST_DROP_FRACTION",
-        help="fraction of users that drop their socket mid-run and resume",
-    )
-    add(
-        "--agent-mix",
-        default="scripted:3,research:1",
-        env_var="LOCUST_AGENT_MIX",
-        help="weights of the agents started, e.g. scripted:3,research:1",
-    )
-    add(
-        "--run-timeout-s",
-        type=float,
-        default=60.0,
-        env_var="LOCUST_RUN_TIMEOUT_S",
-        help="a run not ended after this long is unterminated",
-    )
-    add("--think-min-s", type=float, default=1.0, env_var="LOCUST_THINK_MIN_S")
-    add("--think-max-s", type=float, default=4.0, env_var="LOCUST_THINK_MAX_S")
-    add(
-        "--events-out",
-        default=os.environ.get("LOADTEST_EVENTS_OUT", ""),
-        env_var="LOCUST_EVENTS_OUT",
-        help="directory where each process writes events-<pid>.json at test stop",
-    )
+    for flag, kind, default, text in OPTIONS:
+        env_var = "LOCUST_" + flag.lstrip("-").replace("-", "_").upper()
+        group.add_argument(flag, type=kind, default=default, env_var=env_var, help=text)
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
@@ -169,7 +153,12 @@ class Connection:
     the reader (used for a planned drop). ``on_close()`` runs when the socket ends on its own.
     """
 
-    def __init__(self, url: str, on_frame: Any, on_close: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_frame: Callable[[dict[str, Any], float, int], bool],
+        on_close: Callable[[], None],
+    ) -> None:
         self.ws = websocket.create_connection(url, timeout=10, enable_multithread=True)
         self.ws.settimeout(None)
         self.on_frame, self.on_close = on_frame, on_close
@@ -188,7 +177,14 @@ class Connection:
                 self.alive = False
                 self.on_close()
                 return
-            if not self.on_frame(json.loads(raw), received_at, len(raw)):
+            try:
+                frame = json.loads(raw)
+            except ValueError:
+                frame = None
+            if not isinstance(frame, dict):
+                log.warning("frame that is not a JSON object: %.80r", raw)
+                continue
+            if not self.on_frame(frame, received_at, len(raw)):
                 return
 
     def send(self, frame: dict[str, Any]) -> None:
@@ -387,6 +383,7 @@ class ChatUser(User):
 
     def _report(self, found: list[Violation]) -> None:
         """Report each violation as a Locust failure named by its kind."""
+        TALLY.add_violations(found)
         for violation in found:
             detail = f"run {violation.run_id[:12]} seq {violation.seq}: {violation.detail}"
             fire(self.environment, "VIOLATION", violation.kind.value, 0, exc=ViolationError(detail))

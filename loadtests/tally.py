@@ -14,7 +14,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from loadtests.checker import RunChecker
+from loadtests.checker import RunChecker, Violation
 
 COUNTERS: Final = (
     "runs_started",
@@ -40,11 +40,17 @@ class Tally:
     _sent_violations: Counter[str] = attrs.field(factory=Counter)
 
     def add_finished_run(self, run: RunChecker) -> None:
-        """Count a run the client followed to its end (or gave up on, when unterminated)."""
+        """Count a run the client followed to its end (or gave up on, when unterminated).
+
+        Violations are not counted here: feed them to :meth:`add_violations` as found.
+        """
         self.counts["runs_completed"] += int(run.terminal_seen)
         self.counts["events_expected"] += max(run.last_seq, run.expected or 0)
         self.counts["events_delivered"] += run.delivered
-        self.violations.update(violation.kind.value for violation in run.violations)
+
+    def add_violations(self, found: Iterable[Violation]) -> None:
+        """Count violations by kind (feed each one once, as the checkers return it)."""
+        self.violations.update(violation.kind.value for violation in found)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready copy."""
