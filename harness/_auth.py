@@ -37,10 +37,14 @@ def verify_token(secret: str, token: str) -> str:
     """
     try:
         claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}
+            token, secret, algorithms=[ALGORITHM],
+            options={"require": ["exp", "sub"], "verify_aud": False, "verify_iat": False},
         )
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from None
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise AuthError("claim 'exp' must be a number")
     user_id = claims.get("sub")
     if not isinstance(user_id, str) or not user_id:
         raise AuthError("claim 'sub' must be a non-empty string")

@@ -102,7 +102,8 @@ async def _serve_until_signalled(config: Config, host: str, port: int) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(_serve_task, config, host, port, stop)
-            print(f"listening on ws://{host}:{bound}/ws", flush=True)
+            shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+            print(f"listening on ws://{shown}:{bound}/ws", flush=True)
             async for signum in signals:
                 logging.getLogger("harness").info("signal %s: shutting down", signum)
                 stop.set()

@@ -8,7 +8,6 @@ without waiting, and a handler that crashes is logged and closes only its own so
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Final, final
@@ -79,8 +78,17 @@ class ChatServer:
 
     # ---------------------------------------------------------- handshake
     async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket handler: check the handshake, then run the socket until it closes."""
-        if urlsplit(request.path).path != PATH:
+        """trio-websocket handler: check the handshake, then run the socket until it closes.
+
+        A peer that vanishes during the handshake only ends its own connection.
+        """
+        try:
+            await self._handshake(request)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            log.debug("peer left during the handshake", exc_info=True)
+
+    async def _handshake(self, request: WebSocketRequest) -> None:
+        if _path(request.path) != PATH:
             await request.reject(404, body=b"not found: the endpoint is /ws\n")
             return
         try:
@@ -88,7 +96,7 @@ class ChatServer:
         except AuthError as exc:
             await request.reject(401, body=f"unauthorized: {exc}\n".encode())
             return
-        conn = SocketConnection(user_id, self.config.max_queued_messages, str(request.remote),
+        conn = SocketConnection(user_id, self.config.max_queued_messages, _label(request),
                                 self.config.backpressure_pause_s)
         try:
             self.registry.connect(conn)  # reserves the slot before any await
@@ -178,6 +186,8 @@ class ChatServer:
             self._dispatch(command, conn)
         except ProtocolError as exc:
             conn.send_control(exc.frame())
+        except RecursionError:  # JSON nested too deeply to answer (e.g. a ping id)
+            conn.send_control(error_frame("bad_json", "the frame is nested too deeply"))
 
     def _dispatch(self, command: ClientCommand, conn: SocketConnection) -> None:
         handler = _HANDLERS[type(command)]
@@ -250,6 +260,52 @@ _HANDLERS: Final[dict[type[Any], Callable[[ChatServer, Any, SocketConnection], N
 }
 
 
+def _path(target: str) -> str | None:
+    try:
+        return urlsplit(target).path
+    except ValueError:  # not even a URL: a 404 like any other path
+        return None
+
+
+def _label(request: WebSocketRequest) -> str:
+    try:
+        return str(request.remote)
+    except OSError:
+        return "?"
+
+
+class _GuardedServer(trio_websocket.WebSocketServer):
+    """trio-websocket's server, except that one connection's failure ends only that connection.
+
+    Stock ``WebSocketServer`` re-raises an error of a connection's handler or of its reader
+    task (a peer resetting mid-handshake, a malformed request line) into the handler
+    nursery, which takes the whole server down.
+    """
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await super()._handle_connection(stream)
+        except Exception:
+            log.info("connection ended with an error", exc_info=True)
+
+
+async def _listen(
+    server: ChatServer, host: str, port: int, sockets: trio.Nursery,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accepts connections on ``host:port`` (the first address ``host`` resolves to)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    for extra in listeners[1:]:  # with port 0 each address would get a different port
+        await extra.aclose()
+    ws_server = _GuardedServer(
+        server.handle, listeners[:1], handler_nursery=sockets,
+        max_message_size=server.config.max_message_bytes, disconnect_timeout=_CLOSE_TIMEOUT_S,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ws_server.run)
+        task_status.started(ws_server.port)
+
+
 def _error_for(command: ClientCommand, exc: RegistryError) -> str:
     ids: dict[str, Any] = {}
     if isinstance(command, StartAgent):
@@ -285,12 +341,8 @@ async def serve(
         async with trio.open_nursery() as sockets:
             await sockets.start(server.keepalive)
             async with trio.open_nursery() as listening:
-                ws_server = await listening.start(functools.partial(
-                    trio_websocket.serve_websocket, server.handle, host, port, None,
-                    handler_nursery=sockets, max_message_size=config.max_message_bytes,
-                    disconnect_timeout=_CLOSE_TIMEOUT_S,
-                ))
-                task_status.started(ws_server.port)
+                bound = await listening.start(_listen, server, host, port, sockets)
+                task_status.started(bound)
                 await stop.wait()
                 listening.cancel_scope.cancel()
             await _shut_down(server, registry, config.shutdown_grace_s)

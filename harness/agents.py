@@ -72,7 +72,11 @@ async def scripted_agent(ctx: AgentContext) -> Any:
     await ctx.think(f"running {plan.tools} tools and {plan.tokens} tokens")
     for index in range(1, plan.tools + 1):
         await _pause(plan.delay_s)
-        await ctx.tool(f"tool_{index}", {"index": index}, _scripted_tool(plan, index))
+        try:
+            await ctx.tool(f"tool_{index}", {"index": index}, _scripted_tool(plan, index))
+        except ScriptedToolFailure:
+            await _pause(plan.delay_s)  # D ms before agent_completed too
+            raise
     for index in range(plan.tokens):
         await _pause(plan.delay_s)
         await ctx.partial(f"token{index} ")

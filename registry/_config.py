@@ -28,8 +28,8 @@ class ConfigError(ValueError):
         self.source = source
 
 
-_WHOLE: Final = re.compile(r"\s*\d+\s*")
-_DECIMAL: Final = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
+_WHOLE: Final = re.compile(r"\s*[0-9]+\s*")
+_DECIMAL: Final = re.compile(r"\s*\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 
 
 def _positive_int(raw: str) -> int:

@@ -207,11 +207,11 @@ class AgentExecutionRegistry:
         context = dict(context or {})
         if subscriber is not None and subscriber.user_id != user_id:
             raise RunNotFound("a connection can only follow runs of its own user")
+        existing = self._find_duplicate(user_id, request_id)
+        if existing is not None:  # answered as such whatever agent and context it names
+            return existing, True
         spec = self.agents.get(agent)
         spec.validate_context(context)
-        existing = self._find_duplicate(user_id, request_id)
-        if existing is not None:
-            return existing, True
         run = self._create(user_id, request_id, agent, message, thread_id, context, external=False)
         self._launch(run, self.supervisor.body_for(run, spec), [subscriber] if subscriber else [])
         return run, False

@@ -158,3 +158,16 @@ def test_decimal_durations_are_allowed() -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         Config().agent_timeout_s = 1  # type: ignore[misc]
+
+
+def test_counts_and_durations_take_ascii_digits_only() -> None:
+    from registry import Config, ConfigError
+
+    for raw in ("\u0663", "\uff13", "1_0"):  # Arabic-Indic 3, fullwidth 3
+        try:
+            Config.from_env({"REGISTRY_MAX_ACTIVE_RUNS": raw})
+        except ConfigError as exc:
+            assert "REGISTRY_MAX_ACTIVE_RUNS" in str(exc)
+        else:
+            raise AssertionError(f"{raw!r} was accepted as a count")
+    assert Config.from_env({"REGISTRY_RETENTION_S": "+2.5"}).retention_s == 2.5
