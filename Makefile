@@ -35,8 +35,9 @@ bench-report: $(STAMP)  ## redraw benchmarks/REPORT.md and plots from the JSON r
 bench-smoke: $(STAMP)
 	$(PY) -m benchmarks.run --smoke
 
-load-smoke: $(STAMP)
+load-smoke: $(STAMP)  ## CI: ~50 users for ~20 s, then a short distributed run (--processes 2)
 	$(PY) -m loadtests.run --users 50 --duration 20
+	$(PY) -m loadtests.run --users 20 --duration 10 --processes 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
