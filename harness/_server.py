@@ -33,6 +33,7 @@ from harness._protocol import (
     pong_frame,
     run_accepted_frame,
 )
+from harness._wsfix import tolerate_pings_while_closing
 from registry import (
     AgentExecutionRegistry,
     AgentRegistry,
@@ -336,6 +337,7 @@ async def serve(
         task_status: Reports the port once the server accepts connections.
     """
     stop = stop if stop is not None else trio.Event()
+    tolerate_pings_while_closing()
     async with open_registry(config, agents=agents, tools=tools) as registry:
         server = ChatServer(registry, config)
         async with trio.open_nursery() as sockets:

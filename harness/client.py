@@ -33,6 +33,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from harness._wsfix import tolerate_pings_while_closing
 from registry import Config
 from registry._util import unwrapping_groups
 
@@ -267,6 +268,7 @@ async def open_chat(
     Raises:
         ChatUnavailable: the first connection failed ``reconnect_attempts`` times.
     """
+    tolerate_pings_while_closing()
     chat = Chat(with_token(url, token), ack_every=ack_every,
                 reconnect_attempts=reconnect_attempts, reconnect_delay_s=reconnect_delay_s)
     async with unwrapping_groups(), trio.open_nursery() as nursery:

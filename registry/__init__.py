@@ -39,6 +39,15 @@ from registry._manager import Subscriber as Subscriber
 from registry._manager import WebSocketManager as WebSocketManager
 from registry._memory import MemorySubscriber as MemorySubscriber
 from registry._notifier import WebSocketNotifier as WebSocketNotifier
+from registry._payloads import AgentCompleted as AgentCompleted
+from registry._payloads import AgentStarted as AgentStarted
+from registry._payloads import AgentThinking as AgentThinking
+from registry._payloads import PartialResult as PartialResult
+from registry._payloads import Payload as Payload
+from registry._payloads import ToolCompleted as ToolCompleted
+from registry._payloads import ToolExecuting as ToolExecuting
+from registry._payloads import payload_from_dict as payload_from_dict
+from registry._payloads import payload_to_dict as payload_to_dict
 from registry._registry import AgentExecutionRegistry as AgentExecutionRegistry
 from registry._registry import Health as Health
 from registry._registry import RegistryStatistics as RegistryStatistics

@@ -145,6 +145,12 @@ class Event:
         except ValueError:
             return _dumps(_finite(self.to_dict()))
 
+    def typed_payload(self) -> Any:
+        """The payload as its attrs type (``AgentStarted``, ``ToolCompleted``, ...)."""
+        from registry._payloads import payload_from_dict
+
+        return payload_from_dict(self.type, self.payload)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": str(self.type),

@@ -27,6 +27,7 @@ from registry._errors import (
 from registry._events import Event, EventType, RunStatus, validate_payload
 from registry._lifecycle import Trigger
 from registry._manager import DeliveryError, Subscriber, WebSocketManager
+from registry._payloads import Payload, payload_to_dict
 from registry._stream import RunStream, SeqOutOfRange, StreamError
 from registry._util import unwrapping_groups
 
@@ -287,7 +288,8 @@ class AgentExecutionRegistry:
 
     # ============================================================ events
     async def ensure_event_delivery(
-        self, context: AgentExecutionContext, event_type: str, payload: Mapping[str, Any]
+        self, context: AgentExecutionContext, event_type: str,
+        payload: Mapping[str, Any] | Payload,
     ) -> bool:
         """Records one event of a run and delivers it to every subscribed connection.
 
@@ -305,6 +307,7 @@ class AgentExecutionRegistry:
         """
         await anyio.lowlevel.checkpoint()
         try:
+            payload = payload_to_dict(payload)
             event_type = EventType(event_type)
             if event_type is EventType.AGENT_COMPLETED:
                 return await self._complete(context, payload)
