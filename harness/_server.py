@@ -54,8 +54,6 @@ CLOSE_INTERNAL: Final = 1011
 CLOSE_ABNORMAL: Final = 1006
 #: Most frames written to a socket in one syscall.
 _MAX_BATCH: Final = 64
-#: How long a socket gets to take its close frame before the TCP connection is dropped.
-_CLOSE_TIMEOUT_S: Final = 2.0
 
 
 @final
@@ -118,7 +116,7 @@ class ChatServer:
         except Exception:
             log.exception("socket handler crashed user_id=%s run_ids=%s %s", conn.user_id,
                           ",".join(conn.run_ids()) or "-", conn.label)
-            with trio.move_on_after(_CLOSE_TIMEOUT_S):
+            with trio.move_on_after(self.config.close_timeout_s):
                 await ws.aclose(CLOSE_INTERNAL, "internal error")
         finally:
             self.connections.pop(conn, None)
@@ -138,7 +136,7 @@ class ChatServer:
             nursery.start_soon(self._writer, ws, conn, writer_done)
             await conn.wait_close_requested()
             self.registry.disconnect(conn)
-            with trio.move_on_after(2 * _CLOSE_TIMEOUT_S):
+            with trio.move_on_after(2 * self.config.close_timeout_s):
                 await writer_done.wait()
             nursery.cancel_scope.cancel()
 
@@ -158,7 +156,7 @@ class ChatServer:
                 await send_frames(ws, [frame for frame, _, _ in batch])
                 for _, run_id, seq in batch:
                     conn.sent(run_id, seq)
-            with trio.move_on_after(_CLOSE_TIMEOUT_S):
+            with trio.move_on_after(self.config.close_timeout_s):
                 await ws.aclose(conn.close_code or CLOSE_INTERNAL, conn.close_reason or None)
         except ConnectionClosed:
             conn.close(CLOSE_ABNORMAL, "connection lost")
@@ -300,7 +298,8 @@ async def _listen(
         await extra.aclose()
     ws_server = _GuardedServer(
         server.handle, listeners[:1], handler_nursery=sockets,
-        max_message_size=server.config.max_message_bytes, disconnect_timeout=_CLOSE_TIMEOUT_S,
+        max_message_size=server.config.max_message_bytes,
+        disconnect_timeout=server.config.close_timeout_s,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(ws_server.run)
@@ -347,12 +346,14 @@ async def serve(
                 task_status.started(bound)
                 await stop.wait()
                 listening.cancel_scope.cancel()
-            await _shut_down(server, registry, config.shutdown_grace_s)
+            await _shut_down(server, registry, config)
             sockets.cancel_scope.cancel()
 
 
-async def _shut_down(server: ChatServer, registry: AgentExecutionRegistry, grace: float) -> None:
-    with trio.move_on_after(max(grace - _CLOSE_TIMEOUT_S, grace / 2)):
+async def _shut_down(server: ChatServer, registry: AgentExecutionRegistry, config: Config) -> None:
+    """Ends the runs, then closes the sockets, all within ``shutdown_grace_s``."""
+    grace, closing = config.shutdown_grace_s, config.close_timeout_s
+    with trio.move_on_after(max(grace - closing, grace / 2)):
         await registry.aclose_runs()
-    with trio.move_on_after(min(_CLOSE_TIMEOUT_S, grace / 2)):
+    with trio.move_on_after(min(closing, grace / 2)):
         await server.close_all()

@@ -107,6 +107,7 @@ class Config:
     stale_context_age_s: float = attrs.field(default=600.0, validator=_pos)
     sweep_interval_s: float = attrs.field(default=30.0, validator=_pos)
     backpressure_pause_s: float = attrs.field(default=0.002, validator=_pos)
+    close_timeout_s: float = attrs.field(default=2.0, validator=_pos)
 
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
@@ -29,6 +29,7 @@ from registry._lifecycle import Trigger
 from registry._manager import DeliveryError, Subscriber, WebSocketManager
 from registry._payloads import Payload, payload_to_dict
 from registry._stream import RunStream, SeqOutOfRange, StreamError
+from registry._timers import DeadlineQueue
 from registry._util import unwrapping_groups
 
 if TYPE_CHECKING:
@@ -133,8 +134,8 @@ async def open_registry(
     supervisor = Supervisor(agents or AgentRegistry(), tools or ToolDispatcher())
     async with unwrapping_groups(), anyio.create_task_group() as tg:
         reg = AgentExecutionRegistry(config or Config(), tg, supervisor)
-        await tg.start(reg._retention_service)
-        await tg.start(reg._detach_service)
+        await tg.start(reg._retention.serve)
+        await tg.start(reg._detached.serve)
         await tg.start(reg._sweep_service)
         _open_registries.append(reg)
         try:
@@ -168,10 +169,8 @@ class AgentExecutionRegistry:
         self._by_request: dict[tuple[str, str], AgentExecutionContext] = {}
         self._active: dict[str, AgentExecutionContext] = {}
         self._active_per_user: Counter[str] = Counter()
-        self._retention: deque[AgentExecutionContext] = deque()
-        self._detached: deque[tuple[float, AgentExecutionContext, int]] = deque()
-        self._wake_retention = anyio.Event()
-        self._wake_detach = anyio.Event()
+        self._retention = DeadlineQueue(config.retention_s, self._forget)
+        self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
         self._idle = anyio.Event()
         self._idle.set()
         self._counts: Counter[str] = Counter()
@@ -549,28 +548,11 @@ class AgentExecutionRegistry:
         self._counts["runs_completed"] += 1
         self._by_status[str(run.status)] += 1
         run.ended_at = anyio.current_time()
-        self._retention.append(run)
-        self._wake_retention.set()
+        self._retention.push(run, run.ended_at)
         if not self._active:
             self._idle.set()
 
     # ========================================================== services
-    async def _retention_service(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Drops ended runs ``retention_s`` after they ended (FIFO: same delay for all)."""
-        task_status.started()
-        while True:
-            if not self._retention:
-                self._wake_retention = anyio.Event()
-                await self._wake_retention.wait()
-                continue
-            run = self._retention[0]
-            assert run.ended_at is not None
-            await anyio.sleep_until(run.ended_at + self.config.retention_s)
-            self._retention.popleft()
-            self._forget(run)
-
     def _forget(self, run: AgentExecutionContext) -> None:
         del self._runs[run.run_id]
         if self._by_request.get((run.user_id, run.request_id)) is run:
@@ -579,27 +561,15 @@ class AgentExecutionRegistry:
             connection.detach(run.run_id)
 
     def _maybe_detached(self, run: AgentExecutionContext) -> None:
-        if not run.is_active or self.manager.subscribers(run.run_id):
-            return
-        deadline = anyio.current_time() + self.config.detached_run_timeout_s
-        self._detached.append((deadline, run, run.detach_generation))
-        self._wake_detach.set()
+        """Starts the detach timer of a run left with no subscribed connection."""
+        if run.is_active and not self.manager.subscribers(run.run_id):
+            self._detached.push((run, run.detach_generation))
 
-    async def _detach_service(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Cancels runs left with no subscribed connection for ``detached_run_timeout_s``."""
-        task_status.started()
-        while True:
-            if not self._detached:
-                self._wake_detach = anyio.Event()
-                await self._wake_detach.wait()
-                continue
-            deadline, run, generation = self._detached[0]
-            await anyio.sleep_until(deadline)
-            self._detached.popleft()
-            if run.detach_generation == generation and not self.manager.subscribers(run.run_id):
-                self._end(run, Trigger.DETACH)
+    def _detach_due(self, item: tuple[AgentExecutionContext, int]) -> None:
+        """Cancels the run unless it was subscribed again since its timer started."""
+        run, generation = item
+        if run.detach_generation == generation and not self.manager.subscribers(run.run_id):
+            self._end(run, Trigger.DETACH)
 
     async def _sweep_service(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -1,0 +1,53 @@
+"""A queue of deadlines that all come after one fixed delay, served by one task."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar, final
+
+import anyio
+import anyio.abc
+
+__all__ = ["DeadlineQueue"]
+
+T = TypeVar("T")
+
+
+@final
+class DeadlineQueue(Generic[T]):
+    """Items due at ``push`` time + ``delay``; :meth:`serve` hands each to ``on_due`` when due.
+
+    With one delay for every item, deadlines arrive in order, so a FIFO is a timer heap:
+    pushing and serving are O(1) and one task serves any number of timers.
+    """
+
+    def __init__(self, delay: float, on_due: Callable[[T], object]) -> None:
+        self.delay = delay
+        self.on_due = on_due
+        self._items: deque[tuple[float, T]] = deque()
+        self._wake = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, item: T, now: float | None = None) -> None:
+        """Schedules ``item`` for ``now`` (default: the current time) + ``delay``."""
+        start = anyio.current_time() if now is None else now
+        self._items.append((start + self.delay, item))
+        self._wake.set()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs until cancelled, calling ``on_due`` for each item at its deadline."""
+        task_status.started()
+        while True:
+            if not self._items:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            deadline, item = self._items[0]
+            await anyio.sleep_until(deadline)
+            self._items.popleft()
+            self.on_due(item)
