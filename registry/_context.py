@@ -53,6 +53,7 @@ class AgentExecutionContext:
     final_payload: Mapping[str, Any] | None = None
     ended_at: float | None = None
     detach_generation: int = 0
+    emits_since_yield: int = 0
 
     @property
     def is_active(self) -> bool:

@@ -48,6 +48,9 @@ log = logging.getLogger("registry")
 
 Body = Callable[[], Awaitable[Any]]
 
+#: An agent emitting without pause yields to other tasks at least this often.
+_EMITS_PER_YIELD: Final = 8
+
 _STATUS_TRIGGER: Final = {
     RunStatus.SUCCEEDED: Trigger.SUCCEED,
     RunStatus.FAILED: Trigger.FAIL,
@@ -301,10 +304,15 @@ class AgentExecutionRegistry:
             True when the event was recorded and every subscriber took it; False when it
             broke a stream rule (logged) or some subscriber failed every attempt.
 
-        It is a checkpoint (like every trio operation), so an agent that emits in a tight
-        loop still lets sockets drain and can be cancelled.
+        It is a cancellation point, and a schedule point at least every
+        ``_EMITS_PER_YIELD`` events of a run, so an agent that emits in a tight loop still
+        lets sockets drain (an agent that sleeps between events yields anyway).
         """
-        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        context.emits_since_yield += 1
+        if context.emits_since_yield >= _EMITS_PER_YIELD:
+            context.emits_since_yield = 0
+            await anyio.lowlevel.cancel_shielded_checkpoint()
         try:
             payload = payload_to_dict(payload)
             event_type = EventType(event_type)
