@@ -17,6 +17,7 @@ import attrs
 
 from registry._config import Config
 from registry._context import AgentExecutionContext
+from registry._delivery import Delivery
 from registry._errors import (
     InvalidField,
     Overloaded,
@@ -26,7 +27,7 @@ from registry._errors import (
 )
 from registry._events import Event, EventType, RunStatus, validate_payload
 from registry._lifecycle import Trigger
-from registry._manager import DeliveryError, Subscriber, WebSocketManager
+from registry._manager import Subscriber, WebSocketManager
 from registry._payloads import Payload, payload_to_dict
 from registry._stream import RunStream, SeqOutOfRange, StreamError
 from registry._timers import DeadlineQueue
@@ -177,6 +178,7 @@ class AgentExecutionRegistry:
         self._idle = anyio.Event()
         self._idle.set()
         self._counts: Counter[str] = Counter()
+        self._delivery = Delivery(config, self.manager, self._counts, self._maybe_detached)
         self._by_status: Counter[str] = Counter()
 
     @property
@@ -326,7 +328,7 @@ class AgentExecutionRegistry:
             log.warning("event refused run_id=%s user_id=%s: %s", context.run_id,
                         context.user_id, exc)
             return False
-        return await self._deliver(context, events)
+        return await self._delivery.deliver(context, events)
 
     async def complete_execution(self, context: AgentExecutionContext, result: Any) -> None:
         """Ends a run: ``succeeded`` with ``result``, or ``failed`` when it is an exception.
@@ -349,94 +351,6 @@ class AgentExecutionRegistry:
         decided = self._end(run, _STATUS_TRIGGER[RunStatus(payload["status"])], dict(payload))
         await run.done.wait()
         return decided
-
-    async def _deliver(self, run: AgentExecutionContext, events: list[Event]) -> bool:
-        """Hands ``events`` to every subscriber, in seq order even when several tasks emit."""
-        self._counts["events_emitted"] += len(events)
-        lock = run.delivery_lock
-        try:
-            if lock.locked():  # another task of this run is delivering (maybe retrying)
-                await lock.acquire()
-            else:
-                lock.acquire_nowait()
-        except BaseException as exc:
-            self._drop_behind(run, [], events, exc)
-            raise
-        try:
-            return await self._deliver_locked(run, events)
-        finally:
-            lock.release()
-
-    async def _deliver_locked(self, run: AgentExecutionContext, events: list[Event]) -> bool:
-        ok = True
-        for index, event in enumerate(events):
-            targets = self.manager.deliverable(run.run_id, event.seq)
-            for position, connection in enumerate(targets):
-                if not self.manager.is_live(connection, run.run_id, event.seq):
-                    continue  # it left, or resumed (and gets this event as replay) meanwhile
-                try:
-                    ok = await self._send(run, connection, event) and ok
-                except BaseException as exc:  # cancelled while retrying: nobody may see a gap
-                    self._drop_behind(run, targets[position:], events[index + 1:], exc)
-                    raise
-        return ok
-
-    def _drop_behind(
-        self, run: AgentExecutionContext, missed: list[Subscriber], unsent: list[Event],
-        exc: BaseException,
-    ) -> None:
-        """Unsubscribes every connection that would otherwise miss an event (it can resume)."""
-        behind = set(missed)
-        for event in unsent:
-            behind.update(self.manager.deliverable(run.run_id, event.seq))
-        for connection in behind:
-            self._give_up(run, connection, exc, failed=False)
-
-    async def _send(self, run: AgentExecutionContext, connection: Subscriber, event: Event) -> bool:
-        attempts = self.config.delivery_retries
-        for attempt in range(1, attempts + 1):
-            try:
-                await self._attempt(connection, event)
-            except (DeliveryError, TimeoutError) as exc:
-                if attempt == attempts:
-                    return self._give_up(run, connection, exc)
-                self._counts["events_retried"] += 1
-                await anyio.sleep(self.config.retry_delay_s)
-            except Exception as exc:  # a bug in the transport: never retried, never raised
-                log.exception("subscriber crashed run_id=%s user_id=%s", run.run_id, run.user_id)
-                return self._give_up(run, connection, exc)
-            else:
-                self._counts["events_delivered"] += 1
-                return True
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _attempt(self, connection: Subscriber, event: Event) -> None:
-        """One delivery attempt, bounded by ``event_delivery_timeout_s``.
-
-        A subscriber whose ``send_event`` only enqueues (``immediate_delivery = True``, as
-        the WebSocket server's) cannot block, so it skips the cost of a cancel scope.
-        """
-        if getattr(connection, "immediate_delivery", False):
-            await connection.send_event(event)
-            return
-        with anyio.fail_after(self.config.event_delivery_timeout_s):
-            await connection.send_event(event)
-
-    def _give_up(
-        self, run: AgentExecutionContext, connection: Subscriber, exc: BaseException,
-        *, failed: bool = True,
-    ) -> bool:
-        """Unsubscribes ``connection`` from the run; it must resume to get more events.
-
-        ``failed`` counts a delivery failure; a cancellation that cut a fan-out short is not one.
-        """
-        if failed:
-            self._counts["events_failed"] += 1
-            log.warning("delivery failed run_id=%s user_id=%s: %r", run.run_id, run.user_id, exc)
-        self.manager.unsubscribe(connection, run.run_id)
-        connection.detach(run.run_id)
-        self._maybe_detached(run)
-        return False
 
     # ========================================================= lifecycle
     def _find_duplicate(self, user_id: str, request_id: str) -> AgentExecutionContext | None:
@@ -542,7 +456,7 @@ class AgentExecutionRegistry:
         """Emits the closing events (validated when decided), then unregisters, always."""
         assert run.final_payload is not None
         try:
-            await self._deliver(run, run.stream.finish(run.final_payload, time.time()))
+            await self._delivery.deliver(run, run.stream.finish(run.final_payload, time.time()))
         finally:
             run.lifecycle.fire(Trigger.COMPLETE)
             self._unregister(run)

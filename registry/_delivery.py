@@ -1,0 +1,135 @@
+"""Delivery of a run's events to its subscribers: in seq order, retried, never into the agent."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import final
+
+import anyio
+
+from registry._config import Config
+from registry._context import AgentExecutionContext
+from registry._events import Event
+from registry._manager import DeliveryError, Subscriber, WebSocketManager
+
+__all__ = ["Delivery"]
+
+log = logging.getLogger("registry")
+
+
+@final
+class Delivery:
+    """Hands recorded events to the connections subscribed to their run.
+
+    Each connection gets ``delivery_retries`` attempts, ``retry_delay_s`` apart, each bounded
+    by ``event_delivery_timeout_s``; one that fails them all, crashes, or would miss an event
+    because a fan-out was cancelled is unsubscribed from the run (it can resume).
+
+    Args:
+        config: The retry and timeout settings.
+        manager: Who is subscribed to what.
+        counts: The registry's counters (``events_*``), updated in place.
+        on_unsubscribed: Called with a run after a connection was dropped from it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        manager: WebSocketManager,
+        counts: Counter[str],
+        on_unsubscribed: Callable[[AgentExecutionContext], None],
+    ) -> None:
+        self.config = config
+        self.manager = manager
+        self.counts = counts
+        self.on_unsubscribed = on_unsubscribed
+
+    async def deliver(self, run: AgentExecutionContext, events: list[Event]) -> bool:
+        """Hands ``events`` to every subscriber, in seq order even when several tasks emit."""
+        self.counts["events_emitted"] += len(events)
+        lock = run.delivery_lock
+        try:
+            if lock.locked():  # another task of this run is delivering (maybe retrying)
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+        except BaseException as exc:
+            self._drop_behind(run, [], events, exc)
+            raise
+        try:
+            return await self._deliver_locked(run, events)
+        finally:
+            lock.release()
+
+    async def _deliver_locked(self, run: AgentExecutionContext, events: list[Event]) -> bool:
+        ok = True
+        for index, event in enumerate(events):
+            targets = self.manager.deliverable(run.run_id, event.seq)
+            for position, connection in enumerate(targets):
+                if not self.manager.is_live(connection, run.run_id, event.seq):
+                    continue  # it left, or resumed (and gets this event as replay) meanwhile
+                try:
+                    ok = await self._send(run, connection, event) and ok
+                except BaseException as exc:  # cancelled while retrying: nobody may see a gap
+                    self._drop_behind(run, targets[position:], events[index + 1:], exc)
+                    raise
+        return ok
+
+    def _drop_behind(
+        self, run: AgentExecutionContext, missed: list[Subscriber], unsent: list[Event],
+        exc: BaseException,
+    ) -> None:
+        """Unsubscribes every connection that would otherwise miss an event (it can resume)."""
+        behind = set(missed)
+        for event in unsent:
+            behind.update(self.manager.deliverable(run.run_id, event.seq))
+        for connection in behind:
+            self.give_up(run, connection, exc, failed=False)
+
+    async def _send(self, run: AgentExecutionContext, connection: Subscriber, event: Event) -> bool:
+        attempts = self.config.delivery_retries
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._attempt(connection, event)
+            except (DeliveryError, TimeoutError) as exc:
+                if attempt == attempts:
+                    return self.give_up(run, connection, exc)
+                self.counts["events_retried"] += 1
+                await anyio.sleep(self.config.retry_delay_s)
+            except Exception as exc:  # a bug in the transport: never retried, never raised
+                log.exception("subscriber crashed run_id=%s user_id=%s", run.run_id, run.user_id)
+                return self.give_up(run, connection, exc)
+            else:
+                self.counts["events_delivered"] += 1
+                return True
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, connection: Subscriber, event: Event) -> None:
+        """One delivery attempt, bounded by ``event_delivery_timeout_s``.
+
+        A subscriber whose ``send_event`` only enqueues (``immediate_delivery = True``, as
+        the WebSocket server's) cannot block, so it skips the cost of a cancel scope.
+        """
+        if getattr(connection, "immediate_delivery", False):
+            await connection.send_event(event)
+            return
+        with anyio.fail_after(self.config.event_delivery_timeout_s):
+            await connection.send_event(event)
+
+    def give_up(
+        self, run: AgentExecutionContext, connection: Subscriber, exc: BaseException,
+        *, failed: bool = True,
+    ) -> bool:
+        """Unsubscribes ``connection`` from the run; it must resume to get more events.
+
+        ``failed`` counts a delivery failure; a cancellation that cut a fan-out short is not one.
+        """
+        if failed:
+            self.counts["events_failed"] += 1
+            log.warning("delivery failed run_id=%s user_id=%s: %r", run.run_id, run.user_id, exc)
+        self.manager.unsubscribe(connection, run.run_id)
+        connection.detach(run.run_id)
+        self.on_unsubscribed(run)
+        return False
