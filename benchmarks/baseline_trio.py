@@ -31,7 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from benchmarks import serverkit
-from benchmarks.agents import InvalidField, Step, envelope, steps_for
+from benchmarks.agents import Step, envelope
 
 
 @final
@@ -134,15 +134,15 @@ class Baseline:
         request_id = frame.get("request_id")
         known = self.requests.get((peer.user, str(request_id)))
         if serverkit.start_error(frame) is None and known in self.runs:
-            peer.reply(accepted(request_id, self.runs[known], duplicate=True))
+            peer.reply(serverkit.accepted(request_id, self.runs[known], duplicate=True))
             return
-        steps = plan(frame)
+        steps = serverkit.plan(frame)
         if isinstance(steps, dict):
             peer.reply(steps)
             return
         run = self._new_run(peer.user, str(request_id), frame.get("thread_id"))
         run.cursors[peer] = 1
-        peer.reply(accepted(request_id, run, duplicate=False))
+        peer.reply(serverkit.accepted(request_id, run, duplicate=False))
         self.nursery.start_soon(self.drive, run, steps)
 
     def _new_run(self, user: str, request_id: str, thread_id: str | None) -> Run:
@@ -208,30 +208,7 @@ class Baseline:
         return run if run is not None and run.user == user else None
 
 
-def plan(frame: dict[str, Any]) -> list[Step] | dict[str, Any]:
-    """Return the steps a valid ``start_agent`` asks for, else the error frame to answer."""
-    problem = serverkit.start_error(frame)
-    if problem is not None:
-        return problem
-    request_id = frame["request_id"]
-    try:
-        steps = steps_for(frame["agent"], frame["message"], frame.get("context", {}))
-    except InvalidField as exc:
-        return serverkit.error("invalid_field", str(exc), field=exc.field, request_id=request_id)
-    if steps is None:
-        return serverkit.error("unknown_agent", "no such agent", request_id=request_id)
-    return steps
 
-
-def accepted(request_id: object, run: Run, *, duplicate: bool) -> dict[str, Any]:
-    """Build the ``run_accepted`` answer."""
-    return {
-        "type": "run_accepted",
-        "request_id": request_id,
-        "run_id": run.run_id,
-        "thread_id": run.thread_id,
-        "duplicate": duplicate,
-    }
 
 
 async def serve(host: str, port: int, state_args: dict[str, Any]) -> None:

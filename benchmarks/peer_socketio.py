@@ -31,7 +31,6 @@ import uvicorn
 
 from benchmarks import serverkit
 from benchmarks.agents import Step, envelope
-from benchmarks.peer_websockets import plan
 
 
 @final
@@ -82,14 +81,16 @@ class SioPeer:
 
     async def start_agent(self, sid: str, frame: dict[str, Any]) -> dict[str, Any]:
         """Start a run, join its room; the return value is the Socket.IO ack."""
+        if not isinstance(frame, dict):
+            return serverkit.error("bad_json", "x")
         user = self.users.get(sid, "")
         request_id = str(frame.get("request_id"))
         known = self.runs.get(self.requests.get((user, request_id), ""))
-        steps = plan(frame) if isinstance(frame, dict) else serverkit.error("bad_json", "x")
+        steps = serverkit.plan(frame)
         if isinstance(steps, dict):
             return steps
         if known is not None:
-            return accepted(request_id, known, True)
+            return serverkit.accepted(request_id, known, True)
         run = SioRun(secrets.token_hex(16), frame.get("thread_id") or secrets.token_hex(8), user)
         self.runs[run.run_id] = run
         self.requests[(user, request_id)] = run.run_id
@@ -97,7 +98,7 @@ class SioPeer:
         task = asyncio.create_task(self.drive(run, steps))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return accepted(request_id, run, False)
+        return serverkit.accepted(request_id, run, False)
 
     async def resume(self, sid: str, frame: dict[str, Any]) -> None:
         """Join the run's room again: live events only, nothing replayed."""
@@ -118,15 +119,7 @@ class SioPeer:
             await self.sio.emit("event", event, room=run.run_id)
 
 
-def accepted(request_id: str, run: SioRun, duplicate: bool) -> dict[str, Any]:
-    """Build the ``run_accepted`` answer (sent as the Socket.IO ack)."""
-    return {
-        "type": "run_accepted",
-        "request_id": request_id,
-        "run_id": run.run_id,
-        "thread_id": run.thread_id,
-        "duplicate": duplicate,
-    }
+
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from benchmarks import serverkit
-from benchmarks.agents import InvalidField, Step, envelope, steps_for
+from benchmarks.agents import Step, envelope
 
 
 @final
@@ -95,46 +95,23 @@ class PeerServer:
         """Start a run (or answer a duplicate) with the socket subscribed."""
         request_id = str(frame.get("request_id"))
         known = self.runs.get(self.requests.get((user, request_id), ""))
-        steps = plan(frame)
+        steps = serverkit.plan(frame)
         if isinstance(steps, dict) or known is not None:
-            reply = steps if isinstance(steps, dict) else accepted(request_id, known, True)
+            ok = not isinstance(steps, dict)
+            reply = serverkit.accepted(request_id, known, True) if ok else steps
             await ws.send(json.dumps(reply))
             return
         run = PeerRun(secrets.token_hex(16), frame.get("thread_id") or secrets.token_hex(8), user)
         self.runs[run.run_id] = run
         self.requests[(user, request_id)] = run.run_id
         run.subscribers.add(ws)
-        await ws.send(json.dumps(accepted(request_id, run, False)))
+        await ws.send(json.dumps(serverkit.accepted(request_id, run, False)))
         task = asyncio.create_task(drive(run, steps))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
 
-def plan(frame: dict[str, Any]) -> list[Step] | dict[str, Any]:
-    """Return the steps a valid ``start_agent`` asks for, else the error frame to answer."""
-    problem = serverkit.start_error(frame)
-    if problem is not None:
-        return problem
-    request_id = frame["request_id"]
-    try:
-        steps = steps_for(frame["agent"], frame["message"], frame.get("context", {}))
-    except InvalidField as exc:
-        return serverkit.error("invalid_field", str(exc), field=exc.field, request_id=request_id)
-    if steps is None:
-        return serverkit.error("unknown_agent", "no such agent", request_id=request_id)
-    return steps
 
-
-def accepted(request_id: str, run: PeerRun | None, duplicate: bool) -> dict[str, Any]:
-    """Build the ``run_accepted`` answer."""
-    assert run is not None
-    return {
-        "type": "run_accepted",
-        "request_id": request_id,
-        "run_id": run.run_id,
-        "thread_id": run.thread_id,
-        "duplicate": duplicate,
-    }
 
 
 async def drive(run: PeerRun, steps: list[Step]) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import jwt
 
+from benchmarks.agents import InvalidField, Step, steps_for
+
 
 def token_from(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """Return the JWT of a handshake: ``Authorization: Bearer`` header, else ``?token=``."""
@@ -106,3 +108,29 @@ def seq_field_error(frame: Mapping[str, Any], field: str) -> dict[str, Any] | No
 def listening_line(host: str, port: int) -> str:
     """Return the first stdout line every server of this project prints once it accepts."""
     return f"listening on ws://{host}:{port}/ws"
+
+
+def plan(frame: dict[str, Any]) -> list[Step] | dict[str, Any]:
+    """Return the steps a valid ``start_agent`` asks for, else the error frame to answer."""
+    problem = start_error(frame)
+    if problem is not None:
+        return problem
+    request_id = frame["request_id"]
+    try:
+        steps = steps_for(frame["agent"], frame["message"], frame.get("context", {}))
+    except InvalidField as exc:
+        return error("invalid_field", str(exc), field=exc.field, request_id=request_id)
+    if steps is None:
+        return error("unknown_agent", "no such agent", request_id=request_id)
+    return steps
+
+
+def accepted(request_id: Any, run: Any, duplicate: bool) -> dict[str, Any]:
+    """Build the ``run_accepted`` answer for ``run`` (anything with run_id and thread_id)."""
+    return {
+        "type": "run_accepted",
+        "request_id": request_id,
+        "run_id": run.run_id,
+        "thread_id": run.thread_id,
+        "duplicate": duplicate,
+    }
