@@ -25,7 +25,7 @@ log = logging.getLogger("harness.connection")
 CLOSE_OVERFLOW: Final = 4008
 CLOSE_GOING_AWAY: Final = 1001
 #: A writer that sent nothing for this many pauses is stuck: runs stop waiting for it.
-_STALL_PAUSES: Final = 25
+_STALL_PAUSES: Final = 250
 
 
 @final

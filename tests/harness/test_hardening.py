@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import struct
 import time
@@ -73,10 +74,12 @@ async def test_a_ping_id_too_deep_to_echo_is_bad_json_and_the_socket_stays() -> 
     async with open_server() as server, connect(server) as client:
         for depth in [*range(900, 1000, 2), 5000]:  # around where echoing it recurses too far
             await client.send_raw('{"type":"ping","id":' + "[" * depth + "]" * depth + "}")
-            answer = await client.control()
-            assert answer["type"] in ("pong", "error")
-            if answer["type"] == "error":
-                assert answer["code"] == "bad_json"
+            with trio.fail_after(10):
+                answer = await client.ws.get_message()
+            assert isinstance(answer, str)
+            # a pong this deep may be too deep for this process's json to parse: match text
+            if not answer.startswith('{"type":"pong","id":[[['):
+                assert json.loads(answer)["code"] == "bad_json", answer[:80]
         await client.assert_usable()
 
 
