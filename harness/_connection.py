@@ -32,14 +32,13 @@ _STALL_PAUSES: Final = 250
 class _RunCopy:
     """This socket's copy of one run's stream: a replay to read, then queued live events."""
 
-    __slots__ = ("live", "queued_through", "replay", "replay_pos", "sent_through")
+    __slots__ = ("live", "replay", "replay_pos", "sent_through")
 
     def __init__(self, replay: Sequence[Event], after_seq: int) -> None:
         self.replay = replay
         self.replay_pos = 0
         self.live: deque[Event] = deque()
         self.sent_through = after_seq
-        self.queued_through = replay[-1].seq if replay else after_seq
 
     def pending(self) -> bool:
         return self.replay_pos < len(self.replay) or bool(self.live)
@@ -95,16 +94,15 @@ class SocketConnection:
     async def send_event(self, event: Event) -> None:
         """Queues a live event; past the high-water mark, gives the reader a moment first.
 
-        Events already queued or replayed are ignored, so each seq goes out once. Above
+        The registry hands each seq once, after any replay (``WebSocketManager.is_live``). Above
         half of ``max_queued`` the call waits (at most ``pause_s``, shielded so that it
         cannot lose the event it queued) for the writer to drain: a client that reads keeps
         up with a fast agent, one that does not is closed with 4008 at the limit.
         """
         copy = self._runs.get(event.run_id)
-        if copy is None or self.close_code is not None or event.seq <= copy.queued_through:
+        if copy is None or self.close_code is not None:
             return
         copy.live.append(event)
-        copy.queued_through = event.seq
         self._queued_live += 1
         if not self._check_room():
             return

@@ -55,9 +55,6 @@ class AgentSpec:
     run: AgentFn
     validate: ContextValidator = _accept_any
 
-    def validate_context(self, context: Mapping[str, Any]) -> None:
-        self.validate(context)
-
 
 @final
 class AgentRegistry:

@@ -12,7 +12,6 @@ from typing import Any, Final, final
 import attrs
 
 __all__ = [
-    "TERMINAL_RUN_STATUSES",
     "Event",
     "EventType",
     "PayloadError",
@@ -48,9 +47,6 @@ class ToolStatus(enum.StrEnum):
     OK = "ok"
     ERROR = "error"
     CANCELLED = "cancelled"
-
-
-TERMINAL_RUN_STATUSES: Final = frozenset(RunStatus)
 
 
 class PayloadError(ValueError):

@@ -147,7 +147,7 @@ async def open_registry(
         finally:
             _open_registries.remove(reg)
             with anyio.CancelScope(shield=True):
-                await reg._shutdown()
+                await reg.aclose_runs()
             tg.cancel_scope.cancel()
 
 
@@ -216,7 +216,7 @@ class AgentExecutionRegistry:
         if existing is not None:  # answered as such whatever agent and context it names
             return existing, True
         spec = self.agents.get(agent)
-        spec.validate_context(context)
+        spec.validate(context)
         run = self._create(user_id, request_id, agent, message, thread_id, context, external=False)
         self._launch(run, self.supervisor.body_for(run, spec), [subscriber] if subscriber else [])
         return run, False
@@ -302,13 +302,13 @@ class AgentExecutionRegistry:
         from the run (the event stays retained, so it can resume). ``agent_completed``
         ends the run (see :meth:`complete_execution`). Never raises into the agent.
 
-        Returns:
-            True when the event was recorded and every subscriber took it; False when it
-            broke a stream rule (logged) or some subscriber failed every attempt.
-
         It is a cancellation point, and a schedule point at least every
         ``_EMITS_PER_YIELD`` events of a run, so an agent that emits in a tight loop still
         lets sockets drain (an agent that sleeps between events yields anyway).
+
+        Returns:
+            True when the event was recorded and every subscriber took it; False when it
+            broke a stream rule (logged) or some subscriber failed every attempt.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         context.emits_since_yield += 1
@@ -443,7 +443,7 @@ class AgentExecutionRegistry:
         self, run: AgentExecutionContext, trigger: Trigger, payload: Mapping[str, Any] | None = None
     ) -> bool:
         """Decides how a run ends (first decision wins) and cancels its scope."""
-        if not run.lifecycle.can(trigger) or not run.is_active:
+        if not run.lifecycle.can(trigger):  # first ending wins; the table refuses the rest
             return False
         run.lifecycle.fire(trigger)
         if payload is None:
@@ -516,15 +516,12 @@ class AgentExecutionRegistry:
             log.warning("swept %d stale contexts", len(stale))
         return len(stale)
 
-    async def _shutdown(self) -> None:
+    async def aclose_runs(self) -> None:
+        """Stops taking runs, cancels every active one and waits until all have ended."""
         self._closing = True
         for run in list(self._active.values()):
             self._end(run, Trigger.SHUTDOWN)
         await self._idle.wait()
-
-    async def aclose_runs(self) -> None:
-        """Stops taking runs, cancels every active one and waits until all have ended."""
-        await self._shutdown()
 
     # ====================================================== introspection
     def statistics(self) -> RegistryStatistics:
