@@ -384,16 +384,15 @@ def _fanout_section(results: Results, rel: str) -> str:
         "",
         f"![fan-out]({rel}/fanout_latency.png)",
         "",
-        "| server | sockets | runs | events/s | p50 ms | p95 ms | p99 ms | max ms | server CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_table(
+            ("server", "sockets", "runs", "events/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
+             "server CPU %"),
+            ([name, r["sockets"], r["concurrent_runs"], f"{r['achieved_rate']:.0f}",
+              r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"],
+              r["latency_ms"]["max"], r["server_cpu_percent"]]
+             for name, r in results["fanout"].items()),
+        ),
     ]
-    for name, r in results["fanout"].items():
-        lat = r["latency_ms"]
-        lines.append(
-            f"| {name} | {r['sockets']} | {r['concurrent_runs']} | "
-            f"{r['achieved_rate']:.0f} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
-            f"{lat['max']} | {r['server_cpu_percent']} |"
-        )
     return "\n".join(lines)
 
 
@@ -404,15 +403,12 @@ def _idle_section(results: Results, rel: str) -> str:
         "",
         f"![idle RSS]({rel}/idle_rss.png)",
         "",
-        "| server | sockets | answering ping | server RSS MiB | KiB per socket |",
-        "|---|---:|---:|---:|---:|",
+        *_table(
+            ("server", "sockets", "answering ping", "server RSS MiB", "KiB per socket"),
+            ([name, row["level"], row["alive"], row["rss_mib"], row["kib_per_socket"]]
+             for name, data in results["idle"].items() for row in data["levels"]),
+        ),
     ]
-    for name, data in results["idle"].items():
-        for row in data["levels"]:
-            lines.append(
-                f"| {name} | {row['level']} | {row['alive']} | {row['rss_mib']} | "
-                f"{row['kib_per_socket']} |"
-            )
     lines += [
         "",
         "RSS per socket = (server RSS with N sockets - RSS before any) / N. The load "
