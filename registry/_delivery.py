@@ -48,7 +48,6 @@ class Delivery:
 
     async def deliver(self, run: AgentExecutionContext, events: list[Event]) -> bool:
         """Hands ``events`` to every subscriber, in seq order even when several tasks emit."""
-        self.counts["events_emitted"] += len(events)
         lock = run.delivery_lock
         try:
             if lock.locked():  # another task of this run is delivering (maybe retrying)

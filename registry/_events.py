@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import math
 from collections.abc import Mapping
@@ -17,6 +16,9 @@ __all__ = [
     "PayloadError",
     "RunStatus",
     "ToolStatus",
+    "dump_payload",
+    "encode_event",
+    "envelope_prefix",
     "validate_payload",
 ]
 
@@ -97,6 +99,32 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
 
 
+def dump_payload(payload: Mapping[str, Any]) -> str:
+    """A payload as strict JSON: values JSON cannot hold become strings, NaN and infinities null."""
+    try:
+        return _dumps(payload)
+    except ValueError:
+        return _dumps(_finite(payload))
+
+
+def envelope_prefix(run_id: str, thread_id: str) -> str:
+    """The part of a run's envelope that is the same for each of its events (built once a run)."""
+    return f',"run_id":{_dumps(run_id)},"thread_id":{_dumps(thread_id)},"seq":'
+
+
+def encode_event(
+    prefix: str, event_type: str, seq: int, ts: float, payload: Mapping[str, Any]
+) -> bytes:
+    """The UTF-8 wire form of one event, encoded once and shared by every reader.
+
+    Equal to ``json.dumps(event.to_dict(), separators=(",", ":"))`` field for field, in the
+    envelope's order: type, run_id, thread_id, seq, ts, payload.
+    """
+    return (
+        f'{{"type":"{event_type}"{prefix}{seq},"ts":{ts!r},"payload":{dump_payload(payload)}}}'
+    ).encode()
+
+
 def _finite(obj: Any) -> Any:
     """A copy of ``obj`` with NaN and infinite floats replaced by None."""
     if isinstance(obj, float):
@@ -129,17 +157,13 @@ class Event:
     ts: float
     payload: Mapping[str, Any]
 
-    @functools.cached_property
+    @property
     def json(self) -> str:
-        """The wire form, serialised once and shared by every socket that sends it.
-
-        Always strict JSON: values JSON cannot hold become strings, and NaN or infinite
-        numbers (which an agent may return) become null.
-        """
-        try:
-            return _dumps(self.to_dict())
-        except ValueError:
-            return _dumps(_finite(self.to_dict()))
+        """The wire form (see :func:`encode_event`)."""
+        return encode_event(
+            envelope_prefix(self.run_id, self.thread_id), self.type, self.seq, self.ts,
+            self.payload,
+        ).decode()
 
     def typed_payload(self) -> Any:
         """The payload as its attrs type (``AgentStarted``, ``ToolCompleted``, ...)."""

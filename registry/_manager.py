@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Protocol, final, runtime_checkable
+from typing import Any, Protocol, final, runtime_checkable
 
 from registry._errors import TooManyConnections
 from registry._events import Event
+from registry._outbound import OutboundQueue
 
-__all__ = ["DeliveryError", "Subscriber", "WebSocketManager"]
+__all__ = ["Connection", "DeliveryError", "Subscriber", "WebSocketManager"]
 
 
 class DeliveryError(Exception):
@@ -59,9 +60,17 @@ class Subscriber(Protocol):
         ...
 
 
+#: What the registry can hold as a connection: a socket's queue or a handed-events subscriber.
+Connection = OutboundQueue | Subscriber
+
+
 @final
 class WebSocketManager:
     """Per-user connection registry and the subscriptions of connections to runs.
+
+    A connection is either an :class:`~registry.OutboundQueue` (a socket: it reads each
+    run's log through its own cursor and never blocks) or any other :class:`Subscriber`
+    (handed each event, with retries). They are kept apart so the sockets' path stays cheap.
 
     Args:
         max_connections_per_user: Limit enforced by :meth:`connect`.
@@ -69,12 +78,14 @@ class WebSocketManager:
 
     def __init__(self, max_connections_per_user: int) -> None:
         self.max_connections_per_user = max_connections_per_user
-        self._by_user: defaultdict[str, set[Subscriber]] = defaultdict(set)
-        # run_id -> {connection: the first seq it gets live (earlier ones came as replay)}
+        self._by_user: defaultdict[str, set[Connection]] = defaultdict(set)
+        # run_id -> {subscriber: the first seq it gets live (earlier ones came as replay)}
         self._subscribers: defaultdict[str, dict[Subscriber, int]] = defaultdict(dict)
-        self._runs: defaultdict[Subscriber, set[str]] = defaultdict(set)
+        # run_id -> the queues following it (each keeps its own cursor)
+        self._queues: defaultdict[str, dict[OutboundQueue, None]] = defaultdict(dict)
+        self._runs: defaultdict[Connection, set[str]] = defaultdict(set)
 
-    def connect(self, connection: Subscriber) -> None:
+    def connect(self, connection: Connection) -> None:
         """Registers an open connection.
 
         Raises:
@@ -86,7 +97,7 @@ class WebSocketManager:
             raise TooManyConnections(f"user already has {len(mine)} open connections (max {limit})")
         mine.add(connection)
 
-    def disconnect(self, connection: Subscriber) -> list[str]:
+    def disconnect(self, connection: Connection) -> list[str]:
         """Forgets a connection; returns the run ids it was subscribed to (now unsubscribed)."""
         mine = self._by_user.get(connection.user_id)
         if mine is not None:
@@ -98,19 +109,22 @@ class WebSocketManager:
             self._drop(run_id, connection)
         return run_ids
 
-    def connections(self, user_id: str) -> tuple[Subscriber, ...]:
+    def connections(self, user_id: str) -> tuple[Connection, ...]:
         """The open connections of ``user_id``."""
         return tuple(self._by_user.get(user_id, ()))
 
     def connection_count(self) -> int:
         return sum(len(c) for c in self._by_user.values())
 
-    def subscribe(self, connection: Subscriber, run_id: str, live_from: int) -> None:
+    def subscribe(self, connection: Connection, run_id: str, live_from: int) -> None:
         """Subscribes (or re-subscribes) ``connection``; live events from seq ``live_from`` on."""
-        self._subscribers[run_id][connection] = live_from
+        if isinstance(connection, OutboundQueue):
+            self._queues[run_id][connection] = None
+        else:
+            self._subscribers[run_id][connection] = live_from
         self._runs[connection].add(run_id)
 
-    def unsubscribe(self, connection: Subscriber, run_id: str) -> None:
+    def unsubscribe(self, connection: Connection, run_id: str) -> None:
         runs = self._runs.get(connection)
         if runs is not None:
             runs.discard(run_id)
@@ -118,9 +132,21 @@ class WebSocketManager:
                 del self._runs[connection]
         self._drop(run_id, connection)
 
-    def subscribers(self, run_id: str) -> tuple[Subscriber, ...]:
+    def subscribers(self, run_id: str) -> tuple[Connection, ...]:
         """The connections subscribed to ``run_id``, in no particular order."""
-        return tuple(self._subscribers.get(run_id, ()))
+        return (*self._queues.get(run_id, ()), *self._subscribers.get(run_id, ()))
+
+    def has_subscribers(self, run_id: str) -> bool:
+        return run_id in self._queues or run_id in self._subscribers
+
+    def queues(self, run_id: str) -> tuple[OutboundQueue, ...]:
+        """The sockets following ``run_id``."""
+        queues = self._queues.get(run_id)
+        return tuple(queues) if queues else ()
+
+    def has_handed(self, run_id: str) -> bool:
+        """Whether ``run_id`` has subscribers that are handed each event (not queues)."""
+        return run_id in self._subscribers
 
     def deliverable(self, run_id: str, seq: int) -> list[Subscriber]:
         """The connections that get event ``seq`` of ``run_id`` live (not through a replay)."""
@@ -129,18 +155,15 @@ class WebSocketManager:
             return []
         return [c for c, live_from in subs.items() if live_from <= seq]
 
-    def is_subscribed(self, connection: Subscriber, run_id: str) -> bool:
-        return connection in self._subscribers.get(run_id, ())
-
     def is_live(self, connection: Subscriber, run_id: str, seq: int) -> bool:
         """Whether ``connection`` is subscribed and gets event ``seq`` live (not as replay)."""
         subs = self._subscribers.get(run_id)
         live_from = subs.get(connection) if subs else None
         return live_from is not None and live_from <= seq
 
-    def forget_run(self, run_id: str) -> tuple[Subscriber, ...]:
+    def forget_run(self, run_id: str) -> tuple[Connection, ...]:
         """Unsubscribes everyone from ``run_id``; returns who was subscribed."""
-        subs = tuple(self._subscribers.pop(run_id, ()))
+        subs = (*self._queues.pop(run_id, ()), *self._subscribers.pop(run_id, ()))
         for connection in subs:
             runs = self._runs.get(connection)
             if runs is not None:
@@ -149,9 +172,11 @@ class WebSocketManager:
                     del self._runs[connection]
         return subs
 
-    def _drop(self, run_id: str, connection: Subscriber) -> None:
-        subs = self._subscribers.get(run_id)
+    def _drop(self, run_id: str, connection: Connection) -> None:
+        table: dict[str, dict[Any, Any]] = (
+            self._queues if isinstance(connection, OutboundQueue) else self._subscribers)
+        subs = table.get(run_id)
         if subs is not None:
             subs.pop(connection, None)
             if not subs:
-                del self._subscribers[run_id]
+                del table[run_id]

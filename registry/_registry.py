@@ -27,7 +27,8 @@ from registry._errors import (
 )
 from registry._events import Event, EventType, RunStatus, validate_payload
 from registry._lifecycle import Trigger
-from registry._manager import Subscriber, WebSocketManager
+from registry._manager import Connection, Subscriber, WebSocketManager
+from registry._outbound import OutboundQueue
 from registry._payloads import Payload, payload_to_dict
 from registry._stream import RunStream, SeqOutOfRange, StreamError
 from registry._timers import DeadlineQueue
@@ -195,7 +196,7 @@ class AgentExecutionRegistry:
         message: str,
         thread_id: str | None = None,
         context: Mapping[str, Any] | None = None,
-        subscriber: Subscriber | None = None,
+        subscriber: Connection | None = None,
     ) -> tuple[AgentExecutionContext, bool]:
         """Starts a run of a registered agent, or finds the one already started for the request.
 
@@ -245,18 +246,21 @@ class AgentExecutionRegistry:
         return tuple(self._active.values())
 
     # ======================================================= connections
-    def connect(self, connection: Subscriber) -> None:
+    def connect(self, connection: Connection) -> None:
         """Registers an open connection (raises TooManyConnections at the per-user limit)."""
         self.manager.connect(connection)
 
-    def disconnect(self, connection: Subscriber) -> None:
+    def disconnect(self, connection: Connection) -> None:
         """Forgets a closed connection and unsubscribes it from every run."""
         for run_id in self.manager.disconnect(connection):
+            if isinstance(connection, OutboundQueue):
+                connection.unsubscribe(run_id)
             run = self._runs.get(run_id)
             if run is not None:
+                self._release(run)
                 self._maybe_detached(run)
 
-    def resume(self, run_id: str, user_id: str, after_seq: int, connection: Subscriber) -> None:
+    def resume(self, run_id: str, user_id: str, after_seq: int, connection: Connection) -> None:
         """Subscribes ``connection`` to a run and replays every retained event after ``after_seq``.
 
         On a connection already subscribed it restarts that connection's copy of the stream.
@@ -268,10 +272,10 @@ class AgentExecutionRegistry:
         """
         run = self.get_run(run_id, user_id)
         try:
-            replay = list(run.stream.events_after(after_seq))
+            run.stream.check_resume(after_seq)
         except SeqOutOfRange as exc:
             raise InvalidField("after_seq", str(exc)) from None
-        self._subscribe(run, connection, after_seq, replay)
+        self._subscribe(run, connection, after_seq)
 
     def ack(self, run_id: str, user_id: str, seq: int) -> None:
         """Records a cumulative ack and trims what every subscribed connection has sent.
@@ -287,8 +291,9 @@ class AgentExecutionRegistry:
             raise InvalidField("seq", str(exc)) from None
         floor = run.stream.acked_seq
         for connection in self.manager.subscribers(run_id):
-            floor = min(floor, connection.delivered_through(run_id))
+            floor = min(floor, _sent_through(connection, run_id))
         run.stream.trim_through(floor)
+        self._release(run)
 
     # ============================================================ events
     async def ensure_event_delivery(
@@ -328,7 +333,38 @@ class AgentExecutionRegistry:
             log.warning("event refused run_id=%s user_id=%s: %s", context.run_id,
                         context.user_id, exc)
             return False
-        return await self._delivery.deliver(context, events)
+        return await self._fan_out(context, events)
+
+    async def _fan_out(self, run: AgentExecutionContext, events: list[Event]) -> bool:
+        """Hands newly recorded events to the run's sockets, then to its other subscribers.
+
+        A socket only counts them (it reads them from the log as it drains): no await, no
+        lock. A socket past half its bounds gets a bounded pause to drain (its transport's).
+        """
+        self._counts["events_emitted"] += len(events)
+        run_id, last_seq = run.run_id, run.stream.last_seq
+        queues = self.manager.queues(run_id)
+        for queue in queues:
+            if queue.on_append(run_id, last_seq):
+                self._counts["events_delivered"] += len(events)
+            else:
+                self.disconnect(queue)
+        if run.stream.held_from() <= run.stream.trimmed_through:
+            self._release(run)
+        ok = True
+        if self.manager.has_handed(run_id):
+            ok = await self._delivery.deliver(run, events)
+        for queue in queues:
+            if queue.pause is not None and queue.above_high_water():
+                await queue.pause()
+        return ok
+
+    def _release(self, run: AgentExecutionContext) -> None:
+        """Frees the frames of trimmed events that no socket is still reading."""
+        floor = run.stream.trimmed_through
+        for queue in self.manager.queues(run.run_id):
+            floor = min(floor, queue.sent_through(run.run_id))
+        run.stream.release_through(floor)
 
     async def complete_execution(self, context: AgentExecutionContext, result: Any) -> None:
         """Ends a run: ``succeeded`` with ``result``, or ``failed`` when it is an exception.
@@ -397,22 +433,25 @@ class AgentExecutionRegistry:
             raise Overloaded(f"server is at max_active_runs ({self.config.max_active_runs})")
 
     def _launch(
-        self, run: AgentExecutionContext, body: Body, connections: Iterable[Subscriber]
+        self, run: AgentExecutionContext, body: Body, connections: Iterable[Connection]
     ) -> None:
         for connection in connections:
-            self._subscribe(run, connection, 0, [])
+            self._subscribe(run, connection, 0)
         self._maybe_detached(run)
         self._tg.start_soon(self._drive, run, body, name=f"run {run.run_id}")
 
     def _subscribe(
-        self, run: AgentExecutionContext, connection: Subscriber, after_seq: int,
-        replay: list[Event],
+        self, run: AgentExecutionContext, connection: Connection, after_seq: int
     ) -> None:
+        """Starts ``connection``'s copy of the run after ``after_seq`` (checked held)."""
         if connection.user_id != run.user_id:
             raise RunNotFound(f"no run {run.run_id!r}")
         self.manager.subscribe(connection, run.run_id, run.stream.last_seq + 1)
         run.detach_generation += 1
-        connection.attach(run.run_id, after_seq, replay)
+        if isinstance(connection, OutboundQueue):
+            connection.subscribe(run.run_id, run.stream, after_seq)
+        else:
+            connection.attach(run.run_id, after_seq, list(run.stream.events_after(after_seq)))
 
     async def _drive(self, run: AgentExecutionContext, body: Body) -> None:
         try:
@@ -456,7 +495,7 @@ class AgentExecutionRegistry:
         """Emits the closing events (validated when decided), then unregisters, always."""
         assert run.final_payload is not None
         try:
-            await self._delivery.deliver(run, run.stream.finish(run.final_payload, time.time()))
+            await self._fan_out(run, run.stream.finish(run.final_payload, time.time()))
         finally:
             run.lifecycle.fire(Trigger.COMPLETE)
             self._unregister(run)
@@ -480,17 +519,20 @@ class AgentExecutionRegistry:
         if self._by_request.get((run.user_id, run.request_id)) is run:
             del self._by_request[run.user_id, run.request_id]
         for connection in self.manager.forget_run(run.run_id):
-            connection.detach(run.run_id)
+            if isinstance(connection, OutboundQueue):
+                connection.unsubscribe(run.run_id)
+            else:
+                connection.detach(run.run_id)
 
     def _maybe_detached(self, run: AgentExecutionContext) -> None:
         """Starts the detach timer of a run left with no subscribed connection."""
-        if run.is_active and not self.manager.subscribers(run.run_id):
+        if run.is_active and not self.manager.has_subscribers(run.run_id):
             self._detached.push((run, run.detach_generation))
 
     def _detach_due(self, item: tuple[AgentExecutionContext, int]) -> None:
         """Cancels the run unless it was subscribed again since its timer started."""
         run, generation = item
-        if run.detach_generation == generation and not self.manager.subscribers(run.run_id):
+        if run.detach_generation == generation and not self.manager.has_subscribers(run.run_id):
             self._end(run, Trigger.DETACH)
 
     async def _sweep_service(
@@ -605,6 +647,12 @@ class AgentExecutionRegistry:
         supervisor.registry = self
         agent_registry.websocket_manager = self.manager
         self.supervisor = supervisor
+
+
+def _sent_through(connection: Connection, run_id: str) -> int:
+    if isinstance(connection, OutboundQueue):
+        return connection.sent_through(run_id)
+    return connection.delivered_through(run_id)
 
 
 def _describe(exc: BaseException) -> str:

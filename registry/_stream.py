@@ -13,10 +13,17 @@ it exhaustively. It enforces PROTOCOL.md's per-run guarantees by construction:
 
 It also keeps the newest events for replay (at most ``max_retained`` of them, and none that
 every reader has acknowledged) and answers whether a replay after a given seq is still possible.
+
+Each event is encoded to its wire bytes once, when it is recorded; the log holds those bytes
+and the events' times in flat arrays, so retention creates no objects for the cyclic garbage
+collector to walk. Two trim points are kept: :attr:`RunStream.trimmed_through` is what a
+``resume`` may still ask for; below it, frames are kept only until :meth:`RunStream.release_through`
+says no subscribed reader still needs them (a reader part-way through its copy of the stream).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
@@ -26,6 +33,8 @@ from registry._events import (
     EventType,
     RunStatus,
     ToolStatus,
+    encode_event,
+    envelope_prefix,
     validate_payload,
 )
 
@@ -58,8 +67,9 @@ class RunStream:
     """
 
     __slots__ = (
-        "_head", "_log", "_open_tools", "_seen_call_ids", "acked_seq", "agent", "last_seq",
-        "max_retained", "run_id", "status", "thread_id", "trimmed_through",
+        "_base", "_frames", "_head", "_open_tools", "_prefix", "_seen_call_ids", "_ts",
+        "acked_seq", "agent", "held_bytes", "last_seq", "max_retained", "run_id", "status",
+        "thread_id", "trimmed_through",
     )
 
     def __init__(self, run_id: str, thread_id: str, agent: str, max_retained: int) -> None:
@@ -73,8 +83,13 @@ class RunStream:
         self.acked_seq = 0
         self.trimmed_through = 0
         self.status: RunStatus | None = None
-        self._log: list[Event] = []
-        self._head = 0
+        #: Bytes of the frames held (retained or still being read by a subscriber).
+        self.held_bytes = 0
+        self._prefix = envelope_prefix(run_id, thread_id)
+        self._frames: list[bytes] = []
+        self._ts = array("d")
+        self._head = 0  # index in _frames of the first held frame
+        self._base = 0  # seq of the last frame released (held frames start at _base + 1)
         self._open_tools: dict[str, str] = {}
         self._seen_call_ids: set[str] = set()
 
@@ -94,7 +109,8 @@ class RunStream:
 
     @property
     def retained_count(self) -> int:
-        return len(self._log) - self._head
+        """How many events a ``resume`` can still get (the newest ones)."""
+        return self.last_seq - self.trimmed_through
 
     # ------------------------------------------------------------- emitting
     def emit(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> list[Event]:
@@ -183,11 +199,13 @@ class RunStream:
 
     def _append(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> Event:
         self.last_seq += 1
-        event = Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
-        self._log.append(event)
+        frame = encode_event(self._prefix, event_type, self.last_seq, ts, payload)
+        self._frames.append(frame)
+        self._ts.append(ts)
+        self.held_bytes += len(frame)
         if self.retained_count > self.max_retained:
             self.trim_through(self.last_seq - self.max_retained)
-        return event
+        return Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
 
     # ------------------------------------------------------- acks and replay
     def ack(self, seq: int) -> None:
@@ -203,17 +221,42 @@ class RunStream:
         self.acked_seq = max(self.acked_seq, seq)
 
     def trim_through(self, seq: int) -> int:
-        """Drops retained events with seq <= ``seq``; returns how many were dropped."""
+        """Makes events with seq <= ``seq`` unavailable to resume; returns how many that was.
+
+        Their frames stay held for readers part-way through them until :meth:`release_through`.
+        """
         seq = min(seq, self.last_seq)
         if seq <= self.trimmed_through:
             return 0
         dropped = seq - self.trimmed_through
-        self._head += dropped
         self.trimmed_through = seq
-        if self._head >= _COMPACT_AT and self._head * 2 >= len(self._log):
-            del self._log[: self._head]
-            self._head = 0
         return dropped
+
+    def release_through(self, seq: int) -> None:
+        """Frees the frames of trimmed events with seq <= ``seq`` (no reader needs them)."""
+        seq = min(seq, self.trimmed_through)
+        if seq <= self._base:
+            return
+        stop = self._head + (seq - self._base)
+        self.held_bytes -= sum(map(len, self._frames[self._head:stop]))
+        self._head = stop
+        self._base = seq
+        if self._head >= _COMPACT_AT and self._head * 2 >= len(self._frames):
+            del self._frames[: self._head]
+            del self._ts[: self._head]
+            self._head = 0
+
+    def frame(self, seq: int) -> bytes:
+        """The wire bytes of event ``seq``, which must be held (not yet released)."""
+        return self._frames[self._head + (seq - self._base - 1)]
+
+    def ts(self, seq: int) -> float:
+        """When event ``seq`` (held) was emitted, in server Unix time."""
+        return self._ts[self._head + (seq - self._base - 1)]
+
+    def held_from(self) -> int:
+        """The lowest seq whose frame is still held."""
+        return self._base + 1
 
     def check_resume(self, after_seq: int) -> None:
         """Raises unless every event with seq > ``after_seq`` is still retained.
@@ -235,14 +278,16 @@ class RunStream:
             SeqOutOfRange, ResumeUnavailable: as :meth:`check_resume`.
         """
         self.check_resume(after_seq)
-        start = self._head + (after_seq - self.trimmed_through)
-        return self._log[start:]
+        return [self._decode(seq) for seq in range(after_seq + 1, self.last_seq + 1)]
 
     def get(self, seq: int) -> Event | None:
         """The event numbered ``seq``, or None when it was trimmed or does not exist yet."""
         if seq <= self.trimmed_through or seq > self.last_seq:
             return None
-        return self._log[self._head + (seq - self.trimmed_through - 1)]
+        return self._decode(seq)
+
+    def _decode(self, seq: int) -> Event:
+        return Event.from_json(self.frame(seq))
 
     def _check_seq(self, seq: int) -> None:
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:

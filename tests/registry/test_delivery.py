@@ -160,7 +160,7 @@ async def test_resume_after_a_seq_not_in_the_run_is_invalid_after_seq(after_seq:
             reg.resume(run.run_id, USER, after_seq, sub)
         assert info.value.field == "after_seq"
         assert not sub.received
-        assert not reg.manager.is_subscribed(sub, run.run_id)
+        assert sub not in reg.manager.subscribers(run.run_id)
 
 
 async def test_resume_ack_and_cancel_of_another_users_run_are_not_found() -> None:
@@ -259,7 +259,7 @@ async def test_a_delivery_that_gets_through_within_the_retries_is_true(
         stats = reg.statistics()
         assert (stats.events_retried, stats.events_failed, stats.events_delivered) == (
             fail_times, 0, 1)
-        assert reg.manager.is_subscribed(sub, ctx.run_id)
+        assert sub in reg.manager.subscribers(ctx.run_id)
 
 
 @pytest.mark.parametrize("fail_times", [3, 10])
@@ -466,7 +466,7 @@ async def test_a_subscriber_raising_an_unexpected_error_never_reaches_the_agent(
         reg.resume(run.run_id, USER, 0, steady)
         assert await run.wait_done() == {"status": "succeeded", "result": "abc"}
         check_run_events(steady.received[run.run_id])
-        assert not reg.manager.is_subscribed(broken, run.run_id)
+        assert broken not in reg.manager.subscribers(run.run_id)
 
 
 async def test_a_run_cancelled_while_parallel_emits_wait_their_turn_leaves_no_gap(
