@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, final
+from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -44,11 +45,10 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from benchmarks import sio_frames
-from harness._wsfix import tolerate_pings_while_closing
 from loadtests import wire
 from loadtests.checker import ClientChecker, Violation
 from loadtests.latency import new_histogram, record_ms, summarize
@@ -97,6 +97,8 @@ class Conn:
 
     ws: WebSocketConnection
     flavor: str
+    #: The TCP stream under ``ws``, kept to drop it abruptly (:meth:`abort`).
+    stream: trio.SocketStream
     _next_ack: int = 0
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -123,7 +125,7 @@ class Conn:
 
     async def abort(self) -> None:
         """Drop the socket abruptly, without a close handshake (like a lost network)."""
-        await self.ws._stream.aclose()  # trio-websocket has no public abort
+        await self.stream.aclose()
 
     async def close(self) -> None:
         """Close politely (bounded to 2 s)."""
@@ -146,14 +148,18 @@ async def connect(nursery: trio.Nursery, target: Target, user: str) -> Conn:
     Raises:
         ConnectFailed: on refusal, timeout or a failed Socket.IO handshake.
     """
+    url = urlsplit(target.url_for(user))
+    resource = f"{url.path}?{url.query}" if url.query else url.path
     try:
         with trio.fail_after(30):
-            ws = await connect_websocket_url(nursery, target.url_for(user), message_queue_size=64)
+            stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
+            ws = await wrap_client_stream(nursery, stream, url.netloc, resource,
+                                          message_queue_size=64)
             if target.flavor == "socketio":
                 await _socketio_handshake(ws)
     except (HandshakeError, OSError, trio.TooSlowError, ConnectionClosed) as exc:
         raise ConnectFailed(repr(exc)) from exc
-    return Conn(ws, target.flavor)
+    return Conn(ws, target.flavor, stream)
 
 
 async def _socketio_handshake(ws: WebSocketConnection) -> None:
@@ -534,7 +540,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen mode and return its results."""
-    tolerate_pings_while_closing()  # one closing socket must not take every socket down
     target = Target(args.url, args.flavor, os.environ.get("REGISTRY_AUTH_SECRET", ""))
     if args.mode == "idle":
         return await idle_levels(target, [int(x) for x in args.levels.split(",")])

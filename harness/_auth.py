@@ -1,15 +1,22 @@
-"""JWT tokens for the handshake: minting (for tools and tests) and strict verification."""
+"""JWT tokens for the handshake: minting (for tools and tests) and strict verification.
+
+The reason a token is refused is logged by the server, never told to the client: a 401
+carries one fixed text whatever the reason, so that it cannot be used as an oracle.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Final
-from urllib.parse import parse_qs, urlsplit
 
+import attrs
 import jwt
 
-__all__ = ["AuthError", "mint_token", "token_from_request", "verify_token"]
+from registry._config import normalise_origin
+
+__all__ = ["AuthError", "Identity", "mint_token", "origin_allowed", "token_from_request",
+           "verify_token"]
 
 ALGORITHM: Final = "HS256"
 
@@ -27,13 +34,21 @@ def mint_token(secret: str, user_id: str, ttl_s: float = 3600.0, now: float | No
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def verify_token(secret: str, token: str) -> str:
-    """Checks a token and returns its user id (claim ``sub``).
+@attrs.frozen
+class Identity:
+    """Who a valid token names (``sub``) and until when it is valid (``exp``, Unix seconds)."""
+
+    user_id: str
+    exp: float
+
+
+def verify_token(secret: str, token: str) -> Identity:
+    """Checks a token and returns the user it names and its expiry.
 
     Only HS256 is accepted (never ``none``); ``exp`` and ``sub`` are required.
 
     Raises:
-        AuthError: with the reason the token was refused.
+        AuthError: with the reason the token was refused (for logs, not for the client).
     """
     try:
         claims = jwt.decode(
@@ -48,24 +63,36 @@ def verify_token(secret: str, token: str) -> str:
     user_id = claims.get("sub")
     if not isinstance(user_id, str) or not user_id:
         raise AuthError("claim 'sub' must be a non-empty string")
-    return user_id
+    return Identity(user_id, float(exp))
 
 
-def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The token of a handshake: ``Authorization: Bearer`` wins over ``?token=``.
+def token_from_request(headers: Mapping[str, str], query: Mapping[str, str]) -> str:
+    """The token of a request: ``Authorization: Bearer`` wins over ``?token=``.
 
     An ``Authorization`` header of another scheme is ignored (the query may still carry
-    the token).
+    the token). ``headers`` has lower-case names.
 
     Raises:
         AuthError: neither carries a token.
     """
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and credentials.strip():
-                return credentials.strip()
-    tokens = parse_qs(urlsplit(target).query).get("token")
-    if tokens and tokens[0]:
-        return tokens[0]
+    scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    token = query.get("token")
+    if token:
+        return token
     raise AuthError("no token: send 'Authorization: Bearer <jwt>' or '?token=<jwt>'")
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a handshake's ``Origin`` may connect: always when none is configured or sent.
+
+    ``allowed`` holds normalised origins (``Config.allowed_origins``): lower-case scheme and
+    host, no default port. ``origin`` is normalised the same way before comparing.
+    """
+    if not allowed or origin is None:
+        return True
+    try:
+        return normalise_origin(origin.strip()) in allowed
+    except ValueError:  # not even an origin ("null", a path, ...)
+        return False

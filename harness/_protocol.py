@@ -13,21 +13,27 @@ from typing import Any, Final, final
 
 import attrs
 
+from registry import quote
+
 __all__ = [
     "Ack",
     "Cancel",
     "ClientCommand",
     "Ping",
     "ProtocolError",
+    "Refresh",
     "Resume",
     "StartAgent",
     "error_frame",
     "parse_client_frame",
     "pong_frame",
+    "quote",
+    "refreshed_frame",
     "run_accepted_frame",
 ]
 
 MAX_REQUEST_ID: Final = 128
+MAX_THREAD_ID: Final = 128
 
 
 @final
@@ -56,7 +62,7 @@ class ProtocolError(Exception):
         self.request_id = request_id
         self.run_id = run_id
 
-    def frame(self) -> str:
+    def frame(self) -> bytes:
         return error_frame(self.code, self.message, field=self.field,
                            request_id=self.request_id, run_id=self.run_id)
 
@@ -97,7 +103,13 @@ class Ping:
     id: Any = None
 
 
-ClientCommand = StartAgent | Resume | Ack | Cancel | Ping
+@final
+@attrs.frozen
+class Refresh:
+    token: str
+
+
+ClientCommand = StartAgent | Resume | Ack | Cancel | Ping | Refresh
 
 
 def parse_client_frame(frame: str | bytes) -> ClientCommand:
@@ -117,7 +129,7 @@ def parse_client_frame(frame: str | bytes) -> ClientCommand:
     kind = data.get("type")
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+        raise ProtocolError("unknown_type", f"unknown message type {quote(kind)}")
     command: ClientCommand = parser(data)
     return command
 
@@ -141,8 +153,10 @@ def _parse_start(data: dict[str, Any]) -> StartAgent:
     agent = _required_str(data, "agent", ids)
     message = _required_str(data, "message", ids)
     thread_id = data.get("thread_id")
-    if thread_id is not None and not isinstance(thread_id, str):
-        raise _invalid("thread_id", "must be a string", **ids)
+    if thread_id is not None and (
+        not isinstance(thread_id, str) or not 1 <= len(thread_id) <= MAX_THREAD_ID
+    ):
+        raise _invalid("thread_id", f"must be a string of 1..{MAX_THREAD_ID} characters", **ids)
     context = data.get("context")
     if context is not None and not isinstance(context, dict):
         raise _invalid("context", "must be a JSON object", **ids)
@@ -167,12 +181,17 @@ def _parse_ping(data: dict[str, Any]) -> Ping:
     return Ping(data.get("id"))
 
 
+def _parse_refresh(data: dict[str, Any]) -> Refresh:
+    return Refresh(_required_str(data, "token", {}))
+
+
 _PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientCommand]]] = {
     "start_agent": _parse_start,
     "resume": _parse_resume,
     "ack": _parse_ack,
     "cancel": _parse_cancel,
     "ping": _parse_ping,
+    "refresh": _parse_refresh,
 }
 
 
@@ -195,8 +214,8 @@ def _invalid(name: str, problem: str, **ids: str) -> ProtocolError:
 
 
 # ------------------------------------------------------------------ server frames
-def _dump(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False).encode()
 
 
 def error_frame(
@@ -206,17 +225,21 @@ def error_frame(
     field: str | None = None,
     request_id: str | None = None,
     run_id: str | None = None,
-) -> str:
+) -> bytes:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     extras = {"field": field, "request_id": request_id, "run_id": run_id}
     frame.update({k: v for k, v in extras.items() if v is not None})
     return _dump(frame)
 
 
-def run_accepted_frame(request_id: str, run_id: str, thread_id: str, duplicate: bool) -> str:
+def run_accepted_frame(request_id: str, run_id: str, thread_id: str, duplicate: bool) -> bytes:
     return _dump({"type": "run_accepted", "request_id": request_id, "run_id": run_id,
                   "thread_id": thread_id, "duplicate": duplicate})
 
 
-def pong_frame(ping_id: Any) -> str:
+def pong_frame(ping_id: Any) -> bytes:
     return _dump({"type": "pong", "id": ping_id})
+
+
+def refreshed_frame(exp: float) -> bytes:
+    return _dump({"type": "refreshed", "exp": exp})

@@ -1,319 +1,629 @@
-"""The WebSocket server of PROTOCOL.md on trio-websocket, on top of the registry.
+"""The trio server of PROTOCOL.md: WebSocket and HTTP on one port, wsproto and h11 on raw sockets.
 
-Each socket has one reader task (parses client frames, calls the registry) and one writer
-task (drains the socket's bounded outbound queue); one service pings every socket. Nothing a socket
-does can block a run, another socket or the server: the registry hands events to a socket
-without waiting, and a handler that crashes is logged and closes only its own socket (1011).
+Each connection has one task. It reads the HTTP request head (h11); an operations route is
+answered and the connection closed; ``/ws`` is checked (origin, token, the user's
+connection limit) and upgraded, then the same task reads WebSocket frames (wsproto) and
+hands whole messages to the connection's :class:`~harness._session.ChatSession`.
+
+Writing is not a task per socket. A socket's :class:`~registry.OutboundQueue` signals that it
+has frames; one *flusher* task writes, on each pass, the frames of every socket that has
+some, in one ``send`` per socket. Only a socket whose kernel buffer is full gets a task of
+its own, which waits until it is writable. One timer task serves every keepalive ping, pong
+deadline, token expiry and close deadline. So an event costs the agent's own wake-up, a
+share of one flusher pass and one system call: nothing per socket is woken.
+
+Nothing a connection does can take the server down: its task catches and logs its own
+failure and closes only its socket.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import socket
+import time
 from collections.abc import Callable
 from typing import Any, Final, final
-from urllib.parse import urlsplit
 
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from harness._auth import AuthError, token_from_request, verify_token
-from harness._batch import send_frames
-from harness._connection import CLOSE_GOING_AWAY, SocketConnection
-from harness._protocol import (
-    Ack,
-    Cancel,
-    ClientCommand,
-    Ping,
-    ProtocolError,
-    Resume,
-    StartAgent,
-    error_frame,
-    parse_client_frame,
-    pong_frame,
-    run_accepted_frame,
-)
-from harness._wsfix import tolerate_pings_while_closing
+from harness._auth import AuthError, origin_allowed, token_from_request, verify_token
+from harness._http import HttpError, Request, RequestReader, accept_websocket
+from harness._ops import METRICS_CONTENT_TYPE, Operations, dashboard_html
+from harness._session import ChatSession
+from harness._websocket import Closed, Message, ServerWebSocket, text_frame_header
 from registry import (
     AgentExecutionRegistry,
     AgentRegistry,
     Config,
-    RegistryError,
+    OutboundQueue,
     ToolDispatcher,
     TooManyConnections,
     open_registry,
 )
+from registry._timers import DeadlineQueue, TimerHeap
 
-__all__ = ["ChatServer", "serve"]
+__all__ = ["CLOSE_GOING_AWAY", "ChatServer", "serve"]
 
 log = logging.getLogger("harness.server")
 
 PATH: Final = "/ws"
-CLOSE_TOO_BIG: Final = 1009
+CLOSE_GOING_AWAY: Final = 1001
 CLOSE_INTERNAL: Final = 1011
 CLOSE_ABNORMAL: Final = 1006
-#: Most frames written to a socket in one syscall.
-_MAX_BATCH: Final = 64
+CLOSE_TOKEN_EXPIRED: Final = 4001
+#: Bytes taken from a queue for one write (a slow reader's in-flight data is at most this).
+_BATCH_BYTES: Final = 65536
+_RECV_BYTES: Final = 65536
+#: A socket that wrote nothing for this many backpressure pauses is stuck: runs stop waiting.
+_STALL_PAUSES: Final = 250
+#: Accepts per pass of the accept loop before other tasks get a turn.
+_ACCEPTS_PER_PASS: Final = 64
+_FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_JSON: Final = "application/json"
+_TEXT: Final = "text/plain; charset=utf-8"
+
+
+@final
+class _Socket:
+    """One upgraded WebSocket: its OS socket, wsproto side, queue, session and write buffer."""
+
+    __slots__ = ("blocked", "drained", "finished", "label", "last_write", "out", "ping_due",
+                 "queue", "released", "scope", "session", "sock", "stamps", "ws")
+
+    def __init__(self, sock: socket.socket, ws: ServerWebSocket, label: str) -> None:
+        self.sock = sock
+        self.ws = ws
+        self.label = label
+        self.queue: OutboundQueue
+        self.session: ChatSession
+        self.out = bytearray()  # bytes taken for writing, not yet written
+        self.stamps: list[float] = []  # emit times of the event frames in ``out``
+        self.blocked = False  # the kernel buffer is full: a drain task is waiting
+        self.finished = False  # the connection is over (closed or lost)
+        self.released = False  # the registry has forgotten it (a close was requested)
+        self.last_write = trio.current_time()
+        self.ping_due = 0  # pongs expected by the keepalive
+        self.drained: trio.lowlevel.ParkingLot | None = None
+        self.scope = trio.CancelScope()
 
 
 @final
 class ChatServer:
-    """The handshake and per-socket tasks; :func:`serve` runs one.
+    """The connections of one trio server; :func:`serve` runs one.
 
     Attributes:
-        registry: The registry runs live in.
-        connections: Open sockets, for shutdown.
+        registry: Where runs live.
+        ops: Counters, readiness and the operations routes.
     """
 
-    def __init__(self, registry: AgentExecutionRegistry, config: Config) -> None:
+    def __init__(self, registry: AgentExecutionRegistry, config: Config, ops: Operations) -> None:
         if not config.auth_secret:
             raise ValueError("auth_secret is required (REGISTRY_AUTH_SECRET or --auth-secret)")
         self.registry = registry
         self.config = config
         self.secret: str = config.auth_secret
-        self.connections: dict[SocketConnection, WebSocketConnection] = {}
+        self.ops = ops
+        self.sockets: set[_Socket] = set()
+        self._nursery: trio.Nursery | None = None
+        self._dirty: dict[_Socket, None] = {}
+        self._flusher_lot = trio.lowlevel.ParkingLot()
+        self._pending: dict[int, trio.CancelScope] = {}
+        self._pending_ids = iter(range(1 << 62))
         self._all_closed = trio.Event()
         self._all_closed.set()
+        self._pings = DeadlineQueue[_Socket](config.ping_interval_s, self._ping_due)
+        self._pong_checks = DeadlineQueue[tuple[_Socket, int]](config.ping_timeout_s,
+                                                                self._pong_due)
+        self._closes = DeadlineQueue[_Socket](config.close_timeout_s, self._close_due)
+        self._tokens = TimerHeap[_Socket](self._token_due)
 
-    # ---------------------------------------------------------- handshake
-    async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket handler: check the handshake, then run the socket until it closes.
-
-        A peer that vanishes during the handshake only ends its own connection.
-        """
-        try:
-            await self._handshake(request)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            log.debug("peer left during the handshake", exc_info=True)
-
-    async def _handshake(self, request: WebSocketRequest) -> None:
-        if _path(request.path) != PATH:
-            await request.reject(404, body=b"not found: the endpoint is /ws\n")
-            return
-        try:
-            user_id = verify_token(self.secret, token_from_request(request.path, request.headers))
-        except AuthError as exc:
-            await request.reject(401, body=f"unauthorized: {exc}\n".encode())
-            return
-        conn = SocketConnection(user_id, self.config.max_queued_messages, _label(request),
-                                self.config.backpressure_pause_s)
-        try:
-            self.registry.connect(conn)  # reserves the slot before any await
-        except TooManyConnections as exc:
-            await request.reject(429, body=f"too many connections: {exc}\n".encode())
-            return
-        try:
-            await self._run_socket(request, conn)
-        finally:
-            self.registry.disconnect(conn)
-
-    async def _run_socket(self, request: WebSocketRequest, conn: SocketConnection) -> None:
-        ws = await request.accept()
-        self.connections[conn] = ws
-        self._all_closed = trio.Event()
-        try:
-            await self._serve_socket(ws, conn)
-        except Exception:
-            log.exception("socket handler crashed user_id=%s run_ids=%s %s", conn.user_id,
-                          ",".join(conn.run_ids()) or "-", conn.label)
-            with trio.move_on_after(self.config.close_timeout_s):
-                await ws.aclose(CLOSE_INTERNAL, "internal error")
-        finally:
-            self.connections.pop(conn, None)
-            if not self.connections:
-                self._all_closed.set()
-
-    async def _serve_socket(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
-        """Runs the socket's tasks until a close is requested, then bounds the closing.
-
-        Once a close is requested (by the peer, an overflow, shutdown or keepalive) the
-        socket is unsubscribed at once, so its runs can be resumed elsewhere and its slot
-        is free; the writer gets a bounded time to flush and send the close frame.
-        """
-        writer_done = trio.Event()
+    # ============================================================ services
+    async def run_services(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """The flusher and the timers; runs until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader, ws, conn)
-            nursery.start_soon(self._writer, ws, conn, writer_done)
-            await conn.wait_close_requested()
-            self.registry.disconnect(conn)
-            with trio.move_on_after(2 * self.config.close_timeout_s):
-                await writer_done.wait()
-            nursery.cancel_scope.cancel()
-
-    # ------------------------------------------------------------- writer
-    async def _writer(
-        self, ws: WebSocketConnection, conn: SocketConnection, done: trio.Event
-    ) -> None:
-        """Drains ``conn``'s queue; once a close is requested and the queue is empty, closes."""
-        try:
-            while True:
-                batch = conn.next_frames(_MAX_BATCH)
-                if not batch:
-                    if conn.close_code is not None:
-                        break
-                    await conn.wait_for_work()
-                    continue
-                await send_frames(ws, [frame for frame, _, _ in batch])
-                for _, run_id, seq in batch:
-                    conn.sent(run_id, seq)
-            with trio.move_on_after(self.config.close_timeout_s):
-                await ws.aclose(conn.close_code or CLOSE_INTERNAL, conn.close_reason or None)
-        except ConnectionClosed:
-            conn.close(CLOSE_ABNORMAL, "connection lost")
-        finally:
-            done.set()
-
-    # ------------------------------------------------------------- reader
-    async def _reader(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
-        limit = self.config.max_message_bytes
-        try:
-            while True:
-                message = await ws.get_message()
-                if isinstance(message, str) and len(message.encode()) > limit:
-                    conn.close(CLOSE_TOO_BIG, f"message over max_message_bytes ({limit})")
-                    return
-                self._handle_frame(message, conn)
-        except ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason is not None else None
-            if code == CLOSE_TOO_BIG:
-                log.info("frame too large user_id=%s %s", conn.user_id, conn.label)
-            conn.close(code or 1000)
-
-    def _handle_frame(self, message: str | bytes, conn: SocketConnection) -> None:
-        try:
-            command = parse_client_frame(message)
-            self._dispatch(command, conn)
-        except ProtocolError as exc:
-            conn.send_control(exc.frame())
-        except RecursionError:  # JSON nested too deeply to answer (e.g. a ping id)
-            conn.send_control(error_frame("bad_json", "the frame is nested too deeply"))
-
-    def _dispatch(self, command: ClientCommand, conn: SocketConnection) -> None:
-        handler = _HANDLERS[type(command)]
-        try:
-            handler(self, command, conn)
-        except RegistryError as exc:
-            conn.send_control(_error_for(command, exc))
-
-    def _start(self, command: StartAgent, conn: SocketConnection) -> None:
-        run, duplicate = self.registry.start_run(
-            user_id=conn.user_id, request_id=command.request_id, agent=command.agent,
-            message=command.message, thread_id=command.thread_id, context=command.context,
-            subscriber=conn,
-        )
-        conn.send_control(run_accepted_frame(command.request_id, run.run_id, run.thread_id,
-                                             duplicate))
-
-    def _resume(self, command: Resume, conn: SocketConnection) -> None:
-        self.registry.resume(command.run_id, conn.user_id, command.after_seq, conn)
-
-    def _ack(self, command: Ack, conn: SocketConnection) -> None:
-        self.registry.ack(command.run_id, conn.user_id, command.seq)
-
-    def _cancel(self, command: Cancel, conn: SocketConnection) -> None:
-        self.registry.cancel(command.run_id, conn.user_id)
-
-    def _ping(self, command: Ping, conn: SocketConnection) -> None:
-        conn.send_control(pong_frame(command.id))
-
-    # ---------------------------------------------------------- keepalive
-    async def keepalive(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Pings every socket every ``ping_interval_s``; closes one silent for ``ping_timeout_s``.
-
-        One service for all sockets: a ping task exists only while a ping is in flight, so
-        an idle socket costs no task of its own for keepalive.
-        """
-        async with trio.open_nursery() as pings:
+            self._nursery = nursery
+            nursery.start_soon(self._flusher)
+            for timers in (self._pings, self._pong_checks, self._closes, self._tokens):
+                await nursery.start(timers.serve)
             task_status.started()
+
+    async def listen(
+        self, host: str, port: int, connections: trio.Nursery,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accepts connections on ``host:port`` (the first address ``host`` resolves to)."""
+        lsock = _listening_socket(host, port)
+        try:
+            task_status.started(lsock.getsockname()[1])
             while True:
-                await trio.sleep(self.config.ping_interval_s)
-                for conn, ws in list(self.connections.items()):
-                    pings.start_soon(self._keepalive_ping, ws, conn)
+                await trio.lowlevel.wait_readable(lsock)
+                await self._accept_some(lsock, connections)
+        finally:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
 
-    async def _keepalive_ping(self, ws: WebSocketConnection, conn: SocketConnection) -> None:
-        with trio.move_on_after(self.config.ping_timeout_s) as scope:
+    async def _accept_some(self, lsock: socket.socket, connections: trio.Nursery) -> None:
+        for _ in range(_ACCEPTS_PER_PASS):
             try:
-                await ws.ping()
-            except ConnectionClosed:
+                sock, address = lsock.accept()
+            except BlockingIOError:
                 return
-        if scope.cancelled_caught:
-            log.info("keepalive timeout user_id=%s %s", conn.user_id, conn.label)
-            conn.close(CLOSE_INTERNAL, "keepalive ping timeout")
+            except OSError as exc:
+                if exc.errno not in _FD_EXHAUSTED:
+                    log.info("accept failed: %s", exc)
+                    continue
+                if not self._evict_oldest_pending():
+                    log.warning("out of file descriptors; accepting again in 10 ms")
+                    await trio.sleep(0.01)
+                return
+            sock.setblocking(False)
+            if len(self._pending) >= self.config.max_pending_handshakes:
+                sock.close()  # at max_pending_handshakes: closed at once
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connections.start_soon(self._connection, sock, _label(address))
+        await trio.lowlevel.checkpoint()
 
-    # ----------------------------------------------------------- shutdown
+    def _evict_oldest_pending(self) -> bool:
+        """Out of descriptors: ends the longest-waiting handshake so a new client gets in."""
+        if not self._pending:
+            return False
+        oldest = next(iter(self._pending))
+        self._pending.pop(oldest).cancel()
+        return True
+
+    # ========================================================= connections
+    async def _connection(self, sock: socket.socket, label: str) -> None:
+        """One TCP connection: its request, then (for /ws) its WebSocket until it ends."""
+        try:
+            await self._serve_connection(sock, label)
+        except Exception:
+            log.exception("connection handler crashed %s", label)
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _serve_connection(self, sock: socket.socket, label: str) -> None:
+        s = await self._handshake(sock, label)
+        if s is not None:
+            await self._run_websocket(s)
+
+    async def _handshake(self, sock: socket.socket, label: str) -> _Socket | None:
+        """The HTTP phase, bounded by ``handshake_timeout_s`` (and evictable)."""
+        pending_id = next(self._pending_ids)
+        s = None
+        with trio.move_on_after(self.config.handshake_timeout_s) as scope:
+            self._pending[pending_id] = scope
+            try:
+                reader, request = await _read_request(sock)
+                if request is not None:
+                    s = await self._route(sock, label, reader, request)
+            finally:
+                self._pending.pop(pending_id, None)
+        if scope.cancelled_caught and s is not None:  # pragma: no cover - upgrade is not async
+            self._lost(s)
+            self._forget(s)
+            return None
+        return s
+
+    async def _route(
+        self, sock: socket.socket, label: str, reader: RequestReader, request: Request,
+    ) -> _Socket | None:
+        """Answers an HTTP request, or accepts its WebSocket upgrade (returns the socket)."""
+        if request.path != PATH:
+            status, body, kind = self._operations(request)
+            await _send_all(sock, reader.respond(status, body, kind))
+            return None
+        refusal = self._refusal(request)
+        if refusal is not None:
+            await _send_all(sock, reader.respond(refusal[0], refusal[1], _TEXT))
+            return None
+        return await self._upgrade(sock, label, reader, request)
+
+    def _refusal(self, request: Request) -> tuple[int, bytes] | None:
+        """Why a /ws request is not upgraded (fixed texts: no reason, no count)."""
+        if request.method != "GET":
+            return 405, b"method not allowed\n"
+        if not request.wants_websocket:
+            return 426, b"upgrade required: this endpoint speaks WebSocket\n"
+        if self.ops.state != "ready":
+            return 503, b"the server is not taking connections\n"
+        if not origin_allowed(request.header("origin"), self.config.allowed_origins):
+            return 403, b"forbidden\n"
+        return None
+
+    async def _upgrade(
+        self, sock: socket.socket, label: str, reader: RequestReader, request: Request,
+    ) -> _Socket | None:
+        try:
+            identity = verify_token(self.secret, token_from_request(request.headers,
+                                                                    request.query))
+        except AuthError as exc:
+            log.info("handshake refused (401) %s: %s", label, exc)
+            await _send_all(sock, reader.respond(401, b"unauthorized\n", _TEXT))
+            return None
+        s = self._new_socket(sock, label, identity.user_id, identity.exp)
+        try:
+            self.registry.connect(s.queue)  # reserves the slot before any await
+        except TooManyConnections:
+            await _send_all(sock, reader.respond(429, b"too many connections\n", _TEXT))
+            return None
+        try:
+            head, trailing = accept_websocket(reader, request)
+        except HttpError as exc:
+            self.registry.disconnect(s.queue)
+            await _send_all(sock, reader.respond(exc.status, b"bad websocket upgrade\n", _TEXT))
+            return None
+        s.out += head
+        self._opened(s, trailing)
+        return s
+
+    def _new_socket(self, sock: socket.socket, label: str, user_id: str, exp: float) -> _Socket:
+        s = _Socket(sock, ServerWebSocket(self.config.max_message_bytes), label)
+        mib = int(self.config.max_queued_mib * 1024 * 1024)
+        s.queue = OutboundQueue(user_id, max_messages=self.config.max_queued_messages,
+                                max_bytes=mib, on_ready=lambda: self._mark_dirty(s))
+        s.queue.pause = lambda: self._backpressure(s)
+        s.session = ChatSession(self.registry, self.ops, s.queue, self.secret, exp)
+        return s
+
+    def _opened(self, s: _Socket, trailing: bytes) -> None:
+        self.sockets.add(s)
+        self.ops.connections += 1
+        self._all_closed = trio.Event()
+        self._pings.push(s)
+        self._schedule_token_expiry(s)
+        self._mark_dirty(s)  # the 101
+        if trailing:
+            self._received(s, trailing)
+
+    async def _run_websocket(self, s: _Socket) -> None:
+        """Reads the socket until the WebSocket is over; then forgets it."""
+        try:
+            with s.scope:
+                while not s.finished:
+                    await trio.lowlevel.wait_readable(s.sock)
+                    self._read(s)
+        except Exception:
+            log.exception("socket handler crashed user_id=%s run_ids=%s %s",
+                          s.queue.user_id, ",".join(s.queue.run_ids()) or "-", s.label)
+            self._close(s, CLOSE_INTERNAL, "internal error")
+        finally:
+            self._forget(s)
+
+    def _read(self, s: _Socket) -> None:
+        try:
+            data = s.sock.recv(_RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the peer is gone
+            self._lost(s)
+            return
+        self._received(s, data)
+
+    def _received(self, s: _Socket, data: bytes) -> None:
+        inbound, reply = s.ws.receive(data)
+        if reply:
+            s.out += reply
+            self._mark_dirty(s)
+        for item in inbound:
+            if isinstance(item, Message):
+                if s.queue.close_code is None:
+                    s.session.handle(item.text)
+            elif isinstance(item, Closed):
+                self._peer_closing(s, item)
+        if s.ws.closed and not s.out:
+            s.finished = True
+
+    def _peer_closing(self, s: _Socket, closed: Closed) -> None:
+        if closed.by_peer and s.queue.close_code is None:
+            self._close(s, int(closed.code), "")  # our close frame was the reply
+        elif not closed.by_peer:
+            log.info("closing %d user_id=%s %s: %s", closed.code, s.queue.user_id, s.label,
+                     closed.reason)
+            self._close(s, int(closed.code), closed.reason)
+
+    def _close(self, s: _Socket, code: int, reason: str) -> None:
+        """Asks for ``s`` to be closed; the writer sends what is owed, then the close frame."""
+        if s.queue.close_code is None:
+            s.queue.close(code, reason)
+        self._closing(s)
+
+    def _closing(self, s: _Socket) -> None:
+        """A close was requested (by us, the peer, or the queue's 4008): free the slot now.
+
+        Its runs can be resumed elsewhere at once; the socket gets ``close_timeout_s`` to
+        send what it owes and its close frame before the TCP connection is dropped.
+        """
+        if s.released or s.queue.close_code is None:
+            return
+        s.released = True
+        self.registry.disconnect(s.queue)
+        self._closes.push(s)
+
+    def _lost(self, s: _Socket) -> None:
+        """The connection broke (or the peer left without a close): nothing more is sent."""
+        if s.queue.close_code is None:
+            s.queue.close(CLOSE_ABNORMAL, "connection lost")
+        self._closing(s)
+        s.finished = True
+        s.scope.cancel()
+
+    def _forget(self, s: _Socket) -> None:
+        if s not in self.sockets:
+            return
+        self.sockets.discard(s)
+        self.ops.connections -= 1
+        self.ops.count_close(s.queue.close_code or CLOSE_ABNORMAL)
+        if not s.released:
+            s.released = True
+            self.registry.disconnect(s.queue)
+        self._dirty.pop(s, None)
+        s.finished = True
+        if s.drained is not None:
+            s.drained.unpark_all()
+        if not self.sockets:
+            self._all_closed.set()
+
+    # ============================================================== writing
+    def _mark_dirty(self, s: _Socket) -> None:
+        if s.finished:
+            return
+        if s.queue.close_code is not None:
+            self._closing(s)
+        if not self._dirty:
+            self._flusher_lot.unpark_all()
+        self._dirty[s] = None
+
+    async def _flusher(self) -> None:
+        """Writes, pass after pass, what every socket with something to send has queued."""
+        while True:
+            if not self._dirty:
+                await self._flusher_lot.park()
+            dirty, self._dirty = self._dirty, {}
+            for s in dirty:
+                self._flush(s)
+            await trio.lowlevel.checkpoint()
+
+    def _flush(self, s: _Socket) -> None:
+        """Writes what ``s`` has (without blocking); a full kernel buffer hands it to a drain."""
+        if s.blocked or s.finished:
+            return
+        self._fill(s)
+        if not s.out:
+            return
+        try:
+            sent = s.sock.send(s.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._lost(s)
+            return
+        self._wrote(s, sent)
+        if s.out:
+            s.blocked = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain, s)
+        elif s.queue.has_frames() and s.ws.open:
+            self._mark_dirty(s)
+
+    def _fill(self, s: _Socket) -> None:
+        """Moves frames from the queue into the write buffer; the close frame once owed.
+
+        Nothing is taken once a close frame went either way (the peer may have closed).
+        """
+        if not s.ws.open:
+            return
+        if len(s.out) < _BATCH_BYTES:
+            frames, stamps = s.queue.take(_BATCH_BYTES - len(s.out))
+            for frame in frames:
+                s.out += text_frame_header(len(frame))
+                s.out += frame
+            s.stamps += stamps
+        if not s.queue.has_frames() and s.queue.close_code is not None and not s.ws.close_sent:
+            code = s.queue.close_code
+            s.out += s.ws.close(code if code != CLOSE_ABNORMAL else CLOSE_INTERNAL,
+                                s.queue.close_reason)
+
+    def _wrote(self, s: _Socket, sent: int) -> None:
+        if sent:
+            del s.out[:sent]
+            s.last_write = trio.current_time()
+        if not s.out:
+            self.ops.written(s.stamps, time.time())
+            s.stamps = []
+            if s.drained is not None and not s.queue.above_high_water():
+                s.drained.unpark_all()
+            if s.ws.closed:
+                s.finished = True
+                s.scope.cancel()
+
+    async def _drain(self, s: _Socket) -> None:
+        """Waits until a blocked socket is writable and writes its buffer; then hands back."""
+        try:
+            while s.out and not s.finished:
+                await trio.lowlevel.wait_writable(s.sock)
+                try:
+                    sent = s.sock.send(s.out)
+                except BlockingIOError:
+                    continue
+                self._wrote(s, sent)
+        except (OSError, trio.ClosedResourceError):
+            self._lost(s)
+        finally:
+            s.blocked = False
+            if not s.finished:
+                self._mark_dirty(s)
+
+    async def _backpressure(self, s: _Socket) -> None:
+        """Lets a run wait (bounded, shielded) for a socket past half its bounds to drain.
+
+        A socket that wrote nothing lately is stuck: it is not waited for, it will reach
+        its bound and be closed with 4008 instead.
+        """
+        pause = self.config.backpressure_pause_s
+        if s.finished or trio.current_time() - s.last_write > _STALL_PAUSES * pause:
+            return
+        if s.drained is None:
+            s.drained = trio.lowlevel.ParkingLot()
+        with trio.CancelScope(shield=True), trio.move_on_after(pause):
+            await s.drained.park()
+
+    # =============================================================== timers
+    def _ping_due(self, s: _Socket) -> None:
+        if s.finished or s.queue.close_code is not None:
+            return
+        s.out += s.ws.ping(b"keepalive")
+        s.ping_due = s.ws.pongs + 1
+        self._mark_dirty(s)
+        self._pong_checks.push((s, s.ping_due))
+        self._pings.push(s)
+
+    def _pong_due(self, item: tuple[_Socket, int]) -> None:
+        s, expected = item
+        if not s.finished and s.ws.pongs < expected:
+            log.info("keepalive timeout user_id=%s %s", s.queue.user_id, s.label)
+            self._close(s, CLOSE_INTERNAL, "keepalive ping timeout")
+
+    def _close_due(self, s: _Socket) -> None:
+        """``close_timeout_s`` after a close was requested: drop the TCP connection."""
+        if not s.finished:
+            s.finished = True
+            s.scope.cancel()
+
+    def _schedule_token_expiry(self, s: _Socket) -> None:
+        delay = s.session.token_exp - time.time()
+        self._tokens.push(trio.current_time() + max(delay, 0.0), s)
+
+    def _token_due(self, s: _Socket) -> None:
+        if s.finished or s.queue.close_code is not None:
+            return
+        if s.session.token_exp > time.time():  # refreshed meanwhile
+            self._schedule_token_expiry(s)
+            return
+        self._close(s, CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token")
+
+    # ========================================================= HTTP routes
+    def _operations(self, request: Request) -> tuple[int, bytes, str]:
+        route = _ROUTES.get(request.path or "")
+        if route is None:
+            return 404, b"not found\n", _TEXT
+        if request.method != "GET":
+            return 405, b"method not allowed\n", _TEXT
+        guarded, answer = route
+        if guarded and not self._metrics_allowed(request):
+            return 401, b"unauthorized\n", _TEXT
+        return answer(self)
+
+    def _metrics_allowed(self, request: Request) -> bool:
+        token = self.config.metrics_token
+        if token is None:
+            return True
+        try:
+            return token_from_request(request.headers, request.query) == token
+        except AuthError:
+            return False
+
+    def _healthz(self) -> tuple[int, bytes, str]:
+        return 200, b'{"status":"ok"}', _JSON
+
+    def _readyz(self) -> tuple[int, bytes, str]:
+        status, body = self.ops.readiness()
+        return status, _json(body), _JSON
+
+    def _metrics(self) -> tuple[int, bytes, str]:
+        return 200, self.ops.metrics(), METRICS_CONTENT_TYPE
+
+    def _dashboard(self) -> tuple[int, bytes, str]:
+        return 200, dashboard_html(), "text/html; charset=utf-8"
+
+    def _dashboard_data(self) -> tuple[int, bytes, str]:
+        return 200, self.ops.dashboard_json(), _JSON
+
+    # ============================================================= shutdown
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "shutdown") -> None:
-        """Asks every socket to flush what it has queued and close; waits until all did."""
-        for conn in list(self.connections):
-            conn.close(code, reason)
+        """Asks every socket to send what it owes and close; waits until all are gone."""
+        for s in list(self.sockets):
+            self._close(s, code, reason)
         await self._all_closed.wait()
 
 
-_HANDLERS: Final[dict[type[Any], Callable[[ChatServer, Any, SocketConnection], None]]] = {
-    StartAgent: ChatServer._start,
-    Resume: ChatServer._resume,
-    Ack: ChatServer._ack,
-    Cancel: ChatServer._cancel,
-    Ping: ChatServer._ping,
+Answer = Callable[[ChatServer], tuple[int, bytes, str]]
+#: path -> (needs metrics_token, answer)
+_ROUTES: Final[dict[str, tuple[bool, Answer]]] = {
+    "/healthz": (False, ChatServer._healthz),
+    "/readyz": (False, ChatServer._readyz),
+    "/metrics": (True, ChatServer._metrics),
+    "/dashboard": (True, ChatServer._dashboard),
+    "/dashboard/data": (True, ChatServer._dashboard_data),
 }
 
 
-def _path(target: str) -> str | None:
-    try:
-        return urlsplit(target).path
-    except ValueError:  # not even a URL: a 404 like any other path
-        return None
+def _json(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _label(request: WebSocketRequest) -> str:
-    try:
-        return str(request.remote)
-    except OSError:
-        return "?"
-
-
-class _GuardedServer(trio_websocket.WebSocketServer):
-    """trio-websocket's server, except that one connection's failure ends only that connection.
-
-    Stock ``WebSocketServer`` re-raises an error of a connection's handler or of its reader
-    task (a peer resetting mid-handshake, a malformed request line) into the handler
-    nursery, which takes the whole server down.
-    """
-
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+async def _read_request(sock: socket.socket) -> tuple[RequestReader, Request | None]:
+    """Reads one request head; answers a malformed one (400/431) itself (request None)."""
+    reader = RequestReader()
+    while True:
+        await trio.lowlevel.wait_readable(sock)
         try:
-            await super()._handle_connection(stream)
-        except Exception:
-            log.info("connection ended with an error", exc_info=True)
+            data = sock.recv(_RECV_BYTES)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return reader, None
+        if not data:  # the client left mid-handshake: free the socket now
+            return reader, None
+        try:
+            request = reader.feed(data)
+        except HttpError as exc:
+            await _send_all(sock, reader.respond(exc.status, b"bad request\n", _TEXT))
+            return reader, None
+        if request is not None:
+            return reader, request
 
 
-async def _listen(
-    server: ChatServer, host: str, port: int, sockets: trio.Nursery,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accepts connections on ``host:port`` (the first address ``host`` resolves to)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    for extra in listeners[1:]:  # with port 0 each address would get a different port
-        await extra.aclose()
-    ws_server = _GuardedServer(
-        server.handle, listeners[:1], handler_nursery=sockets,
-        max_message_size=server.config.max_message_bytes,
-        disconnect_timeout=server.config.close_timeout_s,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ws_server.run)
-        task_status.started(ws_server.port)
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Writes ``data`` (an HTTP answer); gives up quietly if the client is gone."""
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[sock.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+    except OSError:
+        return
 
 
-def _error_for(command: ClientCommand, exc: RegistryError) -> str:
-    ids: dict[str, Any] = {}
-    if isinstance(command, StartAgent):
-        ids["request_id"] = command.request_id
-    elif isinstance(command, Resume | Ack | Cancel):
-        ids["run_id"] = command.run_id
-    field = getattr(exc, "field", None)
-    return error_frame(exc.code, str(exc), field=field, **ids)
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    lsock = socket.socket(family, kind, proto)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(address)
+        lsock.listen(socket.SOMAXCONN)
+        lsock.setblocking(False)
+    except OSError:
+        lsock.close()
+        raise
+    return lsock
+
+
+def _label(address: Any) -> str:
+    try:
+        return f"{address[0]}:{address[1]}"
+    except (TypeError, IndexError):
+        return str(address)
 
 
 async def serve(
@@ -328,32 +638,36 @@ async def serve(
 ) -> None:
     """Runs the server until ``stop`` is set (or the caller cancels), then shuts down gracefully.
 
-    Shutdown, bounded by ``shutdown_grace_s``: stop accepting, end every active run with
-    ``agent_completed`` ``cancelled`` delivered to the sockets still open, close every socket
-    with 1001.
+    Shutdown, bounded by ``shutdown_grace_s``: readiness turns ``draining`` and new
+    WebSocket upgrades are refused (503), every active run ends with ``agent_completed``
+    ``cancelled`` delivered to the sockets still open, then every socket closes with 1001.
 
     Args:
         task_status: Reports the port once the server accepts connections.
     """
     stop = stop if stop is not None else trio.Event()
-    tolerate_pings_while_closing()
     async with open_registry(config, agents=agents, tools=tools) as registry:
-        server = ChatServer(registry, config)
-        async with trio.open_nursery() as sockets:
-            await sockets.start(server.keepalive)
+        ops = Operations(registry, config, "trio")
+        server = ChatServer(registry, config, ops)
+        async with trio.open_nursery() as connections:
+            await connections.start(server.run_services)
+            await connections.start(ops.sampler)
             async with trio.open_nursery() as listening:
-                bound = await listening.start(_listen, server, host, port, sockets)
+                bound = await listening.start(server.listen, host, port, connections)
+                ops.state = "ready"
                 task_status.started(bound)
                 await stop.wait()
+                ops.state = "draining"
+                await _shut_down(server, registry, config)
                 listening.cancel_scope.cancel()
-            await _shut_down(server, registry, config)
-            sockets.cancel_scope.cancel()
+            connections.cancel_scope.cancel()
 
 
 async def _shut_down(server: ChatServer, registry: AgentExecutionRegistry, config: Config) -> None:
     """Ends the runs, then closes the sockets, all within ``shutdown_grace_s``."""
-    grace, closing = config.shutdown_grace_s, config.close_timeout_s
-    with trio.move_on_after(max(grace - closing, grace / 2)):
+    grace = config.shutdown_grace_s
+    deadline = trio.current_time() + grace
+    with trio.move_on_at(deadline - min(grace / 2, 1.0)):
         await registry.aclose_runs()
-    with trio.move_on_after(min(closing, grace / 2)):
+    with trio.move_on_at(deadline):
         await server.close_all()

@@ -16,23 +16,27 @@ from registry import AgentContext, AgentRegistry, InvalidField
 __all__ = ["ScriptedPlan", "demo_agents", "echo_agent", "research_agent", "scripted_agent"]
 
 #: name -> (default, lowest, highest); ``fail_at_tool`` is checked against ``tools``.
+#: ``token_bytes`` is this project's extension: pad each token's text to that many characters
+#: (0: the plain ``token<i> ``), for tests and benchmarks that need large events.
 _SCRIPTED_LIMITS: Final = {
     "tools": (1, 0, 1000),
     "tokens": (3, 0, 100000),
     "delay_ms": (10, 0, 60000),
+    "token_bytes": (0, 0, 65536),
 }
 
 
 class ScriptedPlan:
     """The validated ``context`` of a ``scripted`` run."""
 
-    __slots__ = ("delay_s", "fail_at_tool", "tokens", "tools")
+    __slots__ = ("delay_s", "fail_at_tool", "token_bytes", "tokens", "tools")
 
     def __init__(self, context: Mapping[str, Any]) -> None:
         values = {name: _bounded(context, name, *lim) for name, lim in _SCRIPTED_LIMITS.items()}
         self.tools = int(values["tools"])
         self.tokens = int(values["tokens"])
         self.delay_s = values["delay_ms"] / 1000
+        self.token_bytes = int(values["token_bytes"])
         fail = context.get("fail_at_tool")
         if fail is not None and (not _is_int(fail) or not 1 <= fail <= self.tools):
             raise InvalidField("context.fail_at_tool", f"must be a whole number 1..{self.tools}")
@@ -79,9 +83,14 @@ async def scripted_agent(ctx: AgentContext) -> Any:
             raise
     for index in range(plan.tokens):
         await _pause(plan.delay_s)
-        await ctx.partial(f"token{index} ")
+        await ctx.partial(_token(index, plan.token_bytes))
     await _pause(plan.delay_s)
     return {"tools": plan.tools, "tokens": plan.tokens}
+
+
+def _token(index: int, size: int) -> str:
+    text = f"token{index} "
+    return text.ljust(size, ".") if size else text
 
 
 def _scripted_tool(plan: ScriptedPlan, index: int) -> Any:

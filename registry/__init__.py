@@ -24,6 +24,7 @@ from registry._errors import ResumeUnavailable as ResumeUnavailable
 from registry._errors import RunNotFound as RunNotFound
 from registry._errors import TooManyConnections as TooManyConnections
 from registry._errors import UnknownAgent as UnknownAgent
+from registry._errors import quote as quote
 from registry._events import Event as Event
 from registry._events import EventType as EventType
 from registry._events import PayloadError as PayloadError
@@ -39,6 +40,8 @@ from registry._manager import Subscriber as Subscriber
 from registry._manager import WebSocketManager as WebSocketManager
 from registry._memory import MemorySubscriber as MemorySubscriber
 from registry._notifier import WebSocketNotifier as WebSocketNotifier
+from registry._outbound import CLOSE_OVERFLOW as CLOSE_OVERFLOW
+from registry._outbound import OutboundQueue as OutboundQueue
 from registry._payloads import AgentCompleted as AgentCompleted
 from registry._payloads import AgentStarted as AgentStarted
 from registry._payloads import AgentThinking as AgentThinking

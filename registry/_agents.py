@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import attrs
 
-from registry._errors import UnknownAgent
+from registry._errors import UnknownAgent, quote
 from registry._events import EventType
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class AgentRegistry:
         try:
             return self._agents[name]
         except KeyError:
-            raise UnknownAgent(f"no agent named {name!r}") from None
+            raise UnknownAgent(f"no agent named {quote(name)}") from None
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._agents)
@@ -131,8 +131,8 @@ class ToolDispatcher:
         try:
             result = await impl(args)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            await ctx.emit(EventType.TOOL_COMPLETED, {**base, "status": "error", "error": error})
+            failure = ctx.registry.describe_failure(ctx.execution, exc, "tool")
+            await ctx.emit(EventType.TOOL_COMPLETED, {**base, "status": "error", **failure})
             raise
         await ctx.emit(EventType.TOOL_COMPLETED, {**base, "status": "ok", "result": result})
         return result

@@ -85,7 +85,7 @@ def _boolean(raw: str) -> bool:
     return word in _TRUE
 
 
-def _origin(raw: str) -> str:
+def normalise_origin(raw: str) -> str:
     """``scheme://host[:port]``, scheme and host lower-cased, a default port dropped."""
     match = _ORIGIN.fullmatch(raw)
     port = int(match["port"]) if match and match["port"] else None
@@ -97,7 +97,7 @@ def _origin(raw: str) -> str:
 
 
 def _origins(raw: str) -> tuple[str, ...]:
-    return tuple(_origin(item.strip()) for item in raw.split(",") if item.strip())
+    return tuple(normalise_origin(item.strip()) for item in raw.split(",") if item.strip())
 
 
 def _delivery_mode(raw: str) -> DeliveryMode:
@@ -159,7 +159,7 @@ def _to_origins(value: str | Iterable[str]) -> tuple[str, ...]:
         items = list(value)
         if not all(isinstance(item, str) for item in items):
             raise ValueError(f"expected origins as strings, got {items!r}")
-        return tuple(_origin(item) for item in items)
+        return tuple(normalise_origin(item) for item in items)
     except (TypeError, ValueError) as exc:
         raise ConfigError("allowed_origins", "allowed_origins", f"invalid origins: {exc}") from None
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 __all__ = [
+    "MAX_QUOTED",
     "InvalidField",
     "Overloaded",
     "RateLimited",
@@ -14,7 +15,17 @@ __all__ = [
     "RunNotFound",
     "TooManyConnections",
     "UnknownAgent",
+    "quote",
 ]
+
+#: The most characters of a client's input an error message quotes.
+MAX_QUOTED: Final = 128
+
+
+def quote(value: object) -> str:
+    """``repr`` of a client's value for an error message, at most :data:`MAX_QUOTED` long."""
+    text = repr(value[:MAX_QUOTED] if isinstance(value, str) else value)
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 3] + "..."
 
 
 class RegistryError(Exception):

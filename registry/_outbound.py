@@ -61,7 +61,7 @@ class OutboundQueue:
     """
 
     __slots__ = (
-        "_control", "_cursors", "_ready", "_user_id", "close_code", "close_reason",
+        "_closing", "_control", "_cursors", "_ready", "_user_id", "close_code", "close_reason",
         "max_bytes", "max_messages", "on_ready", "pause", "queued", "queued_bytes",
     )
 
@@ -88,6 +88,8 @@ class OutboundQueue:
         self._control: deque[bytes] = deque()
         self._cursors: dict[str, _Cursor] = {}
         self._ready: dict[str, None] = {}  # runs with something to send, in turn order
+        #: After a close other than 4008: every event still owed, taken off the cursors.
+        self._closing: deque[tuple[bytes, float]] = deque()
 
     @property
     def user_id(self) -> str:
@@ -109,6 +111,8 @@ class OutboundQueue:
 
     def unsubscribe(self, run_id: str) -> None:
         """Stops following a run; its live events still waiting are dropped."""
+        if self.close_code is not None:
+            return
         cursor = self._cursors.pop(run_id, None)
         if cursor is None:
             return
@@ -189,6 +193,11 @@ class OutboundQueue:
             frame = self._take_event(next(iter(self._ready)), stamps)
             frames.append(frame)
             size += len(frame)
+        while self._closing and size < max_bytes:
+            frame, ts = self._closing.popleft()
+            frames.append(frame)
+            stamps.append(ts)
+            size += len(frame)
         return frames, stamps
 
     def _take_event(self, run_id: str, stamps: list[float]) -> bytes:
@@ -206,7 +215,7 @@ class OutboundQueue:
 
     def has_frames(self) -> bool:
         """Whether :meth:`take` would return something now."""
-        return bool(self._control or self._ready)
+        return bool(self._control or self._ready or self._closing)
 
     def above_high_water(self) -> bool:
         """Whether more than half of either bound is used (a run may wait for a drain)."""
@@ -215,9 +224,10 @@ class OutboundQueue:
     def close(self, code: int, reason: str = "") -> None:
         """Asks for the connection to be closed with ``code``; the first request wins.
 
-        4008 drops everything queued and every subscription at once (the reader is too
-        slow: nothing more is owed to it but the close frame); any other code lets the
-        transport send what is queued first.
+        Every subscription ends at once (the registry may forget the connection). 4008
+        drops everything queued too: the reader is too slow, nothing more is owed to it
+        but the close frame. Any other code keeps what is owed, events of each run up to
+        the last one announced, for the transport to send before its close frame.
         """
         if self.close_code is not None:
             return
@@ -225,11 +235,21 @@ class OutboundQueue:
         self.close_reason = reason
         if code == CLOSE_OVERFLOW:
             self._control.clear()
-            self._cursors.clear()
-            self._ready.clear()
-            self.queued = self.queued_bytes = 0
+        else:
+            self._keep_owed()
+        self._cursors.clear()
+        self._ready.clear()
+        self.queued = len(self._control) + len(self._closing)
+        self.queued_bytes = sum(map(len, self._control)) + sum(len(f) for f, _ in self._closing)
         if self.on_ready is not None:
             self.on_ready()
+
+    def _keep_owed(self) -> None:
+        for run_id in list(self._ready):
+            cursor = self._cursors[run_id]
+            stream = cursor.stream
+            owed = range(cursor.next, cursor.counted + 1)
+            self._closing.extend((stream.frame(seq), stream.ts(seq)) for seq in owed)
 
     # ================================================================= helpers
     def _check_room(self) -> bool:

@@ -24,10 +24,11 @@ from registry._errors import (
     RateLimited,
     RegistryClosed,
     RunNotFound,
+    quote,
 )
 from registry._events import Event, EventType, RunStatus, validate_payload
 from registry._lifecycle import Trigger
-from registry._manager import Connection, Subscriber, WebSocketManager
+from registry._manager import Connection, WebSocketManager
 from registry._outbound import OutboundQueue
 from registry._payloads import Payload, payload_to_dict
 from registry._stream import RunStream, SeqOutOfRange, StreamError
@@ -239,7 +240,7 @@ class AgentExecutionRegistry:
         """
         run = self._runs.get(run_id)
         if run is None or run.user_id != user_id:
-            raise RunNotFound(f"no run {run_id!r}")
+            raise RunNotFound(f"no run {quote(run_id)}")
         return run
 
     def active_runs(self) -> tuple[AgentExecutionContext, ...]:
@@ -373,7 +374,7 @@ class AgentExecutionRegistry:
         on a run that has already ended.
         """
         if isinstance(result, BaseException):
-            payload = {"status": "failed", "error": _describe(result)}
+            payload = {"status": "failed", **self.describe_failure(context, result, "agent")}
         else:
             payload = {"status": "succeeded", "result": result}
         await self._complete(context, payload)
@@ -387,6 +388,20 @@ class AgentExecutionRegistry:
         decided = self._end(run, _STATUS_TRIGGER[RunStatus(payload["status"])], dict(payload))
         await run.done.wait()
         return decided
+
+    def describe_failure(
+        self, run: AgentExecutionContext, exc: BaseException, what: str
+    ) -> dict[str, str]:
+        """The ``error`` and ``error_id`` a failed agent or tool reports to the client.
+
+        The full exception is logged with the ``error_id``; the client gets a short generic
+        text unless ``expose_errors`` is set (development), then the exception's own text.
+        """
+        error_id = secrets.token_hex(8)
+        log.warning("%s failed error_id=%s run_id=%s user_id=%s", what, error_id, run.run_id,
+                    run.user_id, exc_info=exc)
+        text = _describe(exc) if self.config.expose_errors else f"the {what} failed"
+        return {"error": text, "error_id": error_id}
 
     # ========================================================= lifecycle
     def _find_duplicate(self, user_id: str, request_id: str) -> AgentExecutionContext | None:
@@ -468,8 +483,8 @@ class AgentExecutionRegistry:
                 try:
                     result = await body()
                 except Exception as exc:
-                    log.info("agent failed run_id=%s user_id=%s: %r", run.run_id, run.user_id, exc)
-                    outcome = Trigger.FAIL, {"status": "failed", "error": _describe(exc)}
+                    outcome = Trigger.FAIL, {"status": "failed",
+                                             **self.describe_failure(run, exc, "agent")}
                 else:
                     outcome = Trigger.SUCCEED, {"status": "succeeded", "result": result}
         if outcome is not None:

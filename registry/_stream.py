@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
-from registry._errors import ResumeUnavailable
+from registry._errors import ResumeUnavailable, quote
 from registry._events import (
     Event,
     EventType,
@@ -291,6 +291,6 @@ class RunStream:
 
     def _check_seq(self, seq: int) -> None:
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise SeqOutOfRange(f"seq must be a whole number >= 0, got {seq!r}")
+            raise SeqOutOfRange(f"seq must be a whole number >= 0, got {quote(seq)}")
         if seq > self.last_seq:
-            raise SeqOutOfRange(f"seq {seq} is beyond the last event ({self.last_seq})")
+            raise SeqOutOfRange(f"seq {quote(seq)} is beyond the last event ({self.last_seq})")

@@ -1,7 +1,10 @@
-"""A queue of deadlines that all come after one fixed delay, served by one task."""
+"""Timers served by one task each: a FIFO of one fixed delay, and a heap of any deadlines."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar, final
@@ -9,7 +12,7 @@ from typing import Generic, TypeVar, final
 import anyio
 import anyio.abc
 
-__all__ = ["DeadlineQueue"]
+__all__ = ["DeadlineQueue", "TimerHeap"]
 
 T = TypeVar("T")
 
@@ -50,4 +53,43 @@ class DeadlineQueue(Generic[T]):
             deadline, item = self._items[0]
             await anyio.sleep_until(deadline)
             self._items.popleft()
+            self.on_due(item)
+
+
+@final
+class TimerHeap(Generic[T]):
+    """Items each due at its own deadline (the registry's clock); one task serves them all.
+
+    :meth:`serve` hands each item to ``on_due`` once its deadline has passed. Pushing is
+    O(log n); an item pushed with a deadline earlier than every other wakes the service.
+    """
+
+    def __init__(self, on_due: Callable[[T], object]) -> None:
+        self.on_due = on_due
+        self._heap: list[tuple[float, int, T]] = []
+        self._order = itertools.count()
+        self._wake = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, deadline: float, item: T) -> None:
+        """Schedules ``item`` for ``deadline`` (``anyio.current_time()`` scale)."""
+        heapq.heappush(self._heap, (deadline, next(self._order), item))
+        if self._heap[0][2] is item:
+            self._wake.set()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs until cancelled, calling ``on_due`` for each item at its deadline."""
+        task_status.started()
+        while True:
+            self._wake = anyio.Event()
+            delay = self._heap[0][0] - anyio.current_time() if self._heap else math.inf
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                continue
+            _, _, item = heapq.heappop(self._heap)
             self.on_due(item)

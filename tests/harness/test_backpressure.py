@@ -16,8 +16,8 @@ from tests.harness._support import (
 )
 
 FLOOD = 4000
-#: Every event echoes the thread id: 4000 events of ~3 KB overflow any TCP buffers on the way.
-BIG_THREAD = "t" * 3000
+#: 4000 tokens of ~3 KB overflow any TCP buffers on the way.
+BIG_TOKENS = 3000
 
 
 async def timed_chat(client: Client) -> tuple[float, list[Frame]]:
@@ -30,8 +30,8 @@ async def timed_chat(client: Client) -> tuple[float, list[Frame]]:
 async def test_a_socket_that_never_reads_is_closed_4008_and_can_resume() -> None:
     async with open_server(max_queued_messages=50) as server:
         async with connect(server, "slow") as slow:
-            accepted = await slow.start(context=scripted(tools=0, tokens=FLOOD),
-                                        thread_id=BIG_THREAD)
+            accepted = await slow.start(context=scripted(tools=0, tokens=FLOOD,
+                                                          token_bytes=BIG_TOKENS))
             run_id = accepted["run_id"]
             async with (
                 connect(server, "ann") as ann,
@@ -84,8 +84,8 @@ async def test_a_slow_socket_does_not_hold_back_another_socket_on_the_same_run()
         connect(server, "sam") as slow,
         connect(server, "sam") as fast,
     ):
-        accepted = await slow.start(context=scripted(tools=0, tokens=400, delay_ms=1),
-                                    thread_id=BIG_THREAD)
+        accepted = await slow.start(context=scripted(tools=0, tokens=FLOOD, delay_ms=1,
+                                                      token_bytes=BIG_TOKENS))
         run_id = accepted["run_id"]
         await fast.send({"type": "resume", "run_id": run_id, "after_seq": 0})
         events = await fast.run_events(run_id)

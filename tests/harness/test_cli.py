@@ -72,8 +72,7 @@ async def test_sigterm_exits_within_grace_even_with_a_socket_that_never_reads() 
         server_process("--shutdown-grace-s", str(grace)) as (proc, server),
         connect(server, "slow") as slow,
     ):
-        await slow.start(context=scripted(tools=0, tokens=20000, delay_ms=0),
-                         thread_id="t" * 3000)
+        await slow.start(context=scripted(tools=0, tokens=20000, delay_ms=0, token_bytes=3000))
         signalled = trio.current_time()
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(grace + EXIT_SLACK_S):

@@ -69,7 +69,7 @@ async def test_a_dead_peer_with_data_pending_loses_its_slot_within_the_ping_dead
         raw_connect(server, "dead") as raw,
     ):
         flood = {"type": "start_agent", "request_id": "flood", "agent": "scripted",
-                 "message": "m", "thread_id": "t" * 3000, "context": scripted(0, 4000)}
+                 "message": "m", "context": scripted(0, 4000, token_bytes=3000)}
         await raw.send(wse.TextMessage(data=json.dumps(flood)))
         opened = trio.current_time()
         with trio.fail_after(INTERVAL + PING_TIMEOUT + 1.5):

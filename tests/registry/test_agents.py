@@ -90,7 +90,8 @@ async def test_calling_a_tool_that_is_not_registered_fails_the_run() -> None:
     async def lost(ctx: AgentContext) -> Any:
         return await ctx.tool("nope")
 
-    async with open_registry(agents=make_agents(lost=lost)) as reg:
+    config = Config(expose_errors=True)
+    async with open_registry(config, agents=make_agents(lost=lost)) as reg:
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="lost", message="m")
         payload = await run.wait_done()
         assert payload["status"] == "failed" and "KeyError" in payload["error"]

@@ -200,7 +200,9 @@ async def test_an_agent_exception_fails_the_run_and_errors_its_open_tool() -> No
         events = sub.received[run.run_id]
         assert types_of(events) == [S, TE, TC, C]
         assert events[2].payload["status"] == "error"
-        assert payload == {"status": "failed", "error": "ValueError: boom"}
+        assert payload == {"status": "failed", "error": "the agent failed",
+                           "error_id": payload["error_id"]}
+        assert len(payload["error_id"]) == 16 and "ValueError" not in str(events)
         check_run_events(events)
         assert reg.statistics().active_runs == 0
         await assert_no_run_tasks()
@@ -210,7 +212,7 @@ async def test_a_failing_tool_is_completed_error_by_the_dispatcher() -> None:
     async def agent(ctx: AgentContext) -> Any:
         return await ctx.tool("fetch", {"url": "x"}, fn=tool_fails)
 
-    async with open_registry(agents=make_agents(agent=agent)) as reg:
+    async with open_registry(Config(expose_errors=True), agents=make_agents(agent=agent)) as reg:
         sub = MemorySubscriber(USER)
         run = start(reg, "agent", sub=sub)
         payload = await run.wait_done()
@@ -218,6 +220,24 @@ async def test_a_failing_tool_is_completed_error_by_the_dispatcher() -> None:
         assert types_of(events) == [S, TE, TC, C]
         assert events[2].payload["error"] == "LookupError: no such page"
         assert payload["status"] == "failed"
+
+
+async def test_failures_reach_the_client_as_a_generic_text_and_the_log_in_full(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def agent(ctx: AgentContext) -> Any:
+        return await ctx.tool("fetch", {"url": "x"}, fn=tool_fails)
+
+    async with open_registry(agents=make_agents(agent=agent)) as reg:
+        sub = MemorySubscriber(USER)
+        run = start(reg, "agent", sub=sub)
+        payload = await run.wait_done()
+        tool_done = sub.received[run.run_id][2].payload
+    assert tool_done["error"] == "the tool failed" and payload["error"] == "the agent failed"
+    assert tool_done["error_id"] != payload["error_id"]
+    logged = {r.getMessage(): r for r in caplog.records if "error_id=" in r.getMessage()}
+    tool_log = next(r for m, r in logged.items() if tool_done["error_id"] in m)
+    assert tool_log.exc_info is not None and "no such page" in str(tool_log.exc_info[1])
 
 
 async def test_an_agent_exceeding_agent_timeout_s_times_out(

@@ -121,13 +121,14 @@ async def test_a_seed_run_abandoned_at_registry_exit_is_cancelled() -> None:
 
 
 async def test_complete_execution_with_an_exception_fails_the_run() -> None:
-    async with open_registry() as reg:
+    async with open_registry(Config(expose_errors=True)) as reg:
         sub = MemorySubscriber(USER)
         reg.connect(sub)
         ctx, _ = await reg.create_execution_context("triage", USER, "m")
         await reg.complete_execution(ctx, ValueError("no printer"))
-        assert sub.received[ctx.run_id][-1].payload == {
-            "status": "failed", "error": "ValueError: no printer"}
+        final = sub.received[ctx.run_id][-1].payload
+        assert final == {"status": "failed", "error": "ValueError: no printer",
+                         "error_id": final["error_id"]}
         await reg.complete_execution(ctx, "too late")
         assert ctx.status == "failed"
         assert len(sub.received[ctx.run_id]) == 2

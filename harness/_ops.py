@@ -1,0 +1,263 @@
+"""The operations surface both servers share: health, readiness, Prometheus metrics, the dashboard.
+
+:class:`Operations` keeps what only a transport sees (sockets closed by code, error frames by
+code, resumes by outcome, the delivery latency of every event frame written) beside the
+registry's own counters, and answers the HTTP routes of PROTOCOL.md v2 from both. Metrics
+are written by prometheus-client from a collector registry of this server's own (never the
+global default), built from the counters at scrape time, so the event path pays one list
+append and one bisect per frame for them. No label and no figure carries a user, run,
+request or thread id, or any message text.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import Any, Final, Literal, final
+
+import anyio
+import anyio.abc
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from registry import AgentExecutionRegistry, Config, RunStatus
+
+__all__ = ["METRICS_CONTENT_TYPE", "Operations", "dashboard_html"]
+
+METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
+#: Upper bounds (seconds) of the delivery-latency histogram's buckets.
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                          1.0, 2.5, 5.0, 10.0)
+#: How many seconds of one-per-second samples the dashboard's charts show.
+HISTORY_S: Final = 300
+#: Most latencies kept per sample interval for its percentiles (the rest are only counted).
+_MAX_INTERVAL_SAMPLES: Final = 50_000
+
+Readiness = Literal["starting", "ready", "draining"]
+
+
+def dashboard_html() -> bytes:
+    """The dashboard page (``harness/dashboard.html``, self-contained)."""
+    return resources.files("harness").joinpath("dashboard.html").read_bytes()
+
+
+@final
+class _Latency:
+    """Delivery latencies: cumulative histogram buckets, plus the current interval's samples."""
+
+    __slots__ = ("buckets", "count", "interval", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+        self.interval: list[float] = []
+
+    def observe(self, stamps: Sequence[float], now: float) -> None:
+        for ts in stamps:
+            seconds = max(now - ts, 0.0)
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.total += seconds
+            if len(self.interval) < _MAX_INTERVAL_SAMPLES:
+                self.interval.append(seconds)
+        self.count += len(stamps)
+
+    def take_interval(self) -> list[float]:
+        samples, self.interval = self.interval, []
+        samples.sort()
+        return samples
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS, math.inf), self.buckets, strict=True):
+            running += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), float(running)))
+        return out
+
+
+def _percentile_ms(samples: list[float], fraction: float) -> float | None:
+    if not samples:
+        return None
+    index = min(len(samples) - 1, max(0, math.ceil(fraction * len(samples)) - 1))
+    return round(samples[index] * 1000, 3)
+
+
+@final
+class Operations:
+    """Counters, readiness and the HTTP answers of the operations routes for one server.
+
+    Args:
+        registry: The registry the server runs on.
+        config: Its settings.
+        server: ``trio`` or ``fastapi`` (shown on the dashboard).
+    """
+
+    def __init__(self, registry: AgentExecutionRegistry, config: Config, server: str) -> None:
+        self.registry = registry
+        self.config = config
+        self.server = server
+        self.state: Readiness = "starting"
+        self.started_at = time.time()
+        self.connections = 0
+        self.frames_written = 0
+        self.closes: Counter[int] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.resumes: Counter[str] = Counter({"ok": 0, "not_found": 0,
+                                              "resume_unavailable": 0})
+        self.latency = _Latency()
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_S)
+        self._last_sample: tuple[float, int] = (time.monotonic(), 0)
+        self.collectors = CollectorRegistry(auto_describe=False)
+        self.collectors.register(_Collector(self))
+
+    # ------------------------------------------------------ what transports report
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def count_resume(self, outcome: str) -> None:
+        self.resumes[outcome] += 1
+
+    def count_close(self, code: int) -> None:
+        self.closes[code] += 1
+
+    def written(self, stamps: Sequence[float], now: float) -> None:
+        """Event frames (their emit times) were written to a socket at ``now`` (Unix s)."""
+        if stamps:
+            self.frames_written += len(stamps)
+            self.latency.observe(stamps, now)
+
+    # ------------------------------------------------------------ the answers
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """``/readyz``: 200 ``ready``, else 503 with the status and reasons a person can read."""
+        if self.state != "ready":
+            reason = ("the server is starting" if self.state == "starting"
+                      else "the server is shutting down and takes no new runs")
+            return 503, {"status": self.state, "reasons": [reason]}
+        health = self.registry.health()
+        if health.status == "ok":
+            return 200, {"status": "ready"}
+        return 503, {"status": "degraded", "reasons": list(health.reasons)}
+
+    def metrics(self) -> bytes:
+        """``/metrics`` in the Prometheus text format."""
+        return generate_latest(self.collectors)
+
+    def dashboard_data(self) -> dict[str, Any]:
+        """What the dashboard page polls: live figures, totals and the last 5 minutes."""
+        stats = self.registry.statistics()
+        _, body = self.readiness()
+        latest = self.history[-1] if self.history else {}
+        return {
+            "ts": time.time(), "status": body["status"], "reasons": body.get("reasons", []),
+            "server": self.server, "delivery_mode": self.config.delivery_mode,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "runs_active": stats.active_runs, "retained_runs": stats.retained_runs,
+            "connections_active": self.connections,
+            "events_per_second": latest.get("events_per_second", 0.0),
+            **{k: latest.get(k) for k in ("delivery_p50_ms", "delivery_p95_ms",
+                                          "delivery_p99_ms")},
+            "events_failed": stats.events_failed, "events_retried": stats.events_retried,
+            "closes_4008": self.closes[4008], "runs_started": stats.runs_started,
+            "runs_completed": {str(s): stats.runs_by_status.get(str(s), 0) for s in RunStatus},
+            "errors": dict(self.errors), "history": list(self.history),
+        }
+
+    def dashboard_json(self) -> bytes:
+        return json.dumps(self.dashboard_data(), separators=(",", ":")).encode()
+
+    # ---------------------------------------------------------------- sampling
+    def sample(self) -> dict[str, Any]:
+        """Closes one sample interval (normally a second) and adds it to the history."""
+        now, written = time.monotonic(), self.frames_written
+        then, before = self._last_sample
+        self._last_sample = (now, written)
+        samples = self.latency.take_interval()
+        point = {
+            "ts": round(time.time(), 3),
+            "events_per_second": round((written - before) / max(now - then, 1e-3), 1),
+            "delivery_p50_ms": _percentile_ms(samples, 0.50),
+            "delivery_p95_ms": _percentile_ms(samples, 0.95),
+            "delivery_p99_ms": _percentile_ms(samples, 0.99),
+            "runs_active": self.registry.statistics().active_runs,
+            "connections_active": self.connections,
+        }
+        self.history.append(point)
+        return point
+
+    async def sampler(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Takes one history sample a second until cancelled."""
+        task_status.started()
+        while True:
+            await anyio.sleep(1.0)
+            self.sample()
+
+
+@final
+class _Collector:
+    """Builds every metric family of PROTOCOL.md v2 from the counters, at scrape time."""
+
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    def collect(self) -> Iterator[Metric]:
+        ops, stats = self.ops, self.ops.registry.statistics()
+        yield _counter("registry_runs_started", "Runs started (duplicates are not).",
+                       stats.runs_started)
+        yield _labelled(CounterMetricFamily, "registry_runs_completed", "Runs ended, by status.",
+                        "status", {str(s): stats.runs_by_status.get(str(s), 0)
+                                   for s in RunStatus})
+        yield GaugeMetricFamily("registry_runs_active", "Runs in flight.",
+                                value=stats.active_runs)
+        yield GaugeMetricFamily("registry_retained_runs",
+                                "Ended runs still retained for resume.",
+                                value=stats.retained_runs - stats.active_runs)
+        yield GaugeMetricFamily("registry_connections_active", "Open WebSocket connections.",
+                                value=ops.connections)
+        yield _labelled(CounterMetricFamily, "registry_connections_closed",
+                        "Closed sockets, by close code.", "code",
+                        {str(code): n for code, n in ops.closes.items()})
+        yield from self._events(stats)
+        yield _labelled(CounterMetricFamily, "registry_resumes", "Resume requests, by outcome.",
+                        "outcome", dict(ops.resumes))
+        yield _counter("registry_dedup_hits", "start_agent answered duplicate: true.",
+                       stats.dedup_hits)
+        yield _labelled(CounterMetricFamily, "registry_errors", "Error frames sent, by code.",
+                        "code", dict(ops.errors))
+
+    def _events(self, stats: Any) -> Iterator[Metric]:
+        ops = self.ops
+        yield _counter("registry_events_emitted", "Events recorded.", stats.events_emitted)
+        yield _counter("registry_events_delivered", "Event frames handed to sockets.",
+                       ops.frames_written)
+        yield _counter("registry_events_retried", "Delivery retries.", stats.events_retried)
+        yield _counter("registry_events_failed", "Deliveries given up.", stats.events_failed)
+        yield HistogramMetricFamily(
+            "registry_event_delivery_seconds",
+            "From an event's ts to its frame written to the socket.",
+            buckets=ops.latency.cumulative(), sum_value=ops.latency.total)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _labelled(
+    kind: type[CounterMetricFamily], name: str, doc: str, label: str, values: dict[str, float],
+) -> CounterMetricFamily:
+    family = kind(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
