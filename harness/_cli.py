@@ -7,7 +7,7 @@ import logging
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import attrs
 import trio
@@ -18,6 +18,8 @@ from harness.agents import demo_agents
 from registry import Config, ConfigError
 
 __all__ = ["main"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -98,24 +100,40 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signalled(config: Config, host: str, port: int) -> None:
+    """Serves until SIGINT or SIGTERM, then shuts down; a second signal changes nothing.
+
+    The signals are ignored before trio's receiver opens, so a signal still pending when it
+    closes is re-delivered to "ignore" instead of the default handler (which would kill
+    the process with a non-zero status in the middle of its graceful exit).
+    """
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     stop = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(_serve_task, config, host, port, stop)
+            nursery.start_soon(_watch_signals, signals, stop)
+            bound = await nursery.start(_serve_task, config, host, port, stop,
+                                        nursery.cancel_scope)
             shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
             print(f"listening on ws://{shown}:{bound}/ws", flush=True)
-            async for signum in signals:
-                logging.getLogger("harness").info("signal %s: shutting down", signum)
-                stop.set()
-                break
 
 
+async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            logging.getLogger("harness").info("%s again: already shutting down", name)
+        else:
+            logging.getLogger("harness").info("%s: shutting down", name)
+            stop.set()
 async def _serve_task(
-    config: Config, host: str, port: int, stop: trio.Event,
+    config: Config, host: str, port: int, stop: trio.Event, done: trio.CancelScope,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Runs the server; once it has shut down, ends the signal watcher too."""
     await serve(config, host=host, port=port, agents=demo_agents(), stop=stop,
                 task_status=task_status)
+    done.cancel()
 
 
 def _token(args: argparse.Namespace) -> int:

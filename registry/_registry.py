@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
@@ -23,6 +23,7 @@ from registry._errors import (
     Overloaded,
     RateLimited,
     RegistryClosed,
+    ResumeUnavailable,
     RunNotFound,
     quote,
 )
@@ -31,7 +32,7 @@ from registry._lifecycle import Trigger
 from registry._manager import Connection, WebSocketManager
 from registry._outbound import OutboundQueue
 from registry._payloads import Payload, payload_to_dict
-from registry._stream import RunStream, SeqOutOfRange, StreamError
+from registry._stream import HeldBytes, RunStream, SeqOutOfRange, StreamError
 from registry._timers import DeadlineQueue
 from registry._util import unwrapping_groups
 
@@ -53,6 +54,10 @@ Body = Callable[[], Awaitable[Any]]
 
 #: An agent emitting without pause yields to other tasks at least this often.
 _EMITS_PER_YIELD: Final = 8
+#: Health judges delivery failures over this many recent seconds.
+HEALTH_WINDOW_S: Final = 60.0
+#: More than this share of deliveries failed in the window: degraded.
+_FAILURE_RATIO: Final = 0.001
 
 _STATUS_TRIGGER: Final = {
     RunStatus.SUCCEEDED: Trigger.SUCCEED,
@@ -84,6 +89,7 @@ class RegistryStatistics:
     events_delivered: int
     events_retried: int
     events_failed: int
+    events_refused: int
     dedup_hits: int
 
 
@@ -171,15 +177,22 @@ class AgentExecutionRegistry:
         supervisor.registry = self
         self._tg = task_group
         self._closing = False
+        self._direct = config.delivery_mode == "direct"
         self._runs: dict[str, AgentExecutionContext] = {}
         self._by_request: dict[tuple[str, str], AgentExecutionContext] = {}
         self._active: dict[str, AgentExecutionContext] = {}
         self._active_per_user: Counter[str] = Counter()
         self._retention = DeadlineQueue(config.retention_s, self._forget)
+        #: Ended runs still retained, oldest first, in all and per user.
+        self._ended: dict[str, AgentExecutionContext] = {}
+        self._ended_by_user: dict[str, dict[str, None]] = {}
+        self._held = HeldBytes()
+        self._held_limit = int(config.max_retained_mib * 1024 * 1024)
         self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
         self._idle = anyio.Event()
         self._idle.set()
         self._counts: Counter[str] = Counter()
+        self._health_marks: deque[tuple[float, int, int]] = deque([(anyio.current_time(), 0, 0)])
         self._delivery = Delivery(config, self.manager, self._counts, self._maybe_detached)
         self._by_status: Counter[str] = Counter()
 
@@ -272,6 +285,8 @@ class AgentExecutionRegistry:
             ResumeUnavailable: events after ``after_seq`` were already trimmed.
         """
         run = self.get_run(run_id, user_id)
+        if self.config.delivery_mode == "direct":
+            raise ResumeUnavailable("delivery_mode is direct: runs are not retained for resume")
         try:
             run.stream.check_resume(after_seq)
         except SeqOutOfRange as exc:
@@ -330,7 +345,7 @@ class AgentExecutionRegistry:
                 raise StreamError(f"run {context.run_id} has ended")
             events = context.stream.emit(event_type, payload, time.time())
         except (ValueError, StreamError) as exc:
-            self._counts["events_failed"] += 1
+            self._counts["events_refused"] += 1
             log.warning("event refused run_id=%s user_id=%s: %s", context.run_id,
                         context.user_id, exc)
             return False
@@ -350,6 +365,10 @@ class AgentExecutionRegistry:
                 self._counts["events_delivered"] += len(events)
             else:
                 self.disconnect(queue)
+        if self._direct:  # the rollback path: nothing is kept for a resume
+            run.stream.trim_through(last_seq)
+        if self._held.bytes > self._held_limit:
+            self._enforce_byte_budget()
         if run.stream.held_from() <= run.stream.trimmed_through:
             self._release(run)
         ok = True
@@ -427,7 +446,8 @@ class AgentExecutionRegistry:
         now = anyio.current_time()
         run = AgentExecutionContext(
             run_id, user_id, request_id, thread_id, agent, message, context, now,
-            RunStream(run_id, thread_id, agent, self.config.max_retained_events_per_run),
+            RunStream(run_id, thread_id, agent, self.config.max_retained_events_per_run,
+                      self._held),
             anyio.CancelScope(deadline=now + self.config.agent_timeout_s), external=external,
         )
         run.lifecycle.fire(Trigger.START)
@@ -525,12 +545,34 @@ class AgentExecutionRegistry:
         self._by_status[str(run.status)] += 1
         run.ended_at = anyio.current_time()
         self._retention.push(run, run.ended_at)
+        self._ended[run.run_id] = run
+        mine = self._ended_by_user.setdefault(run.user_id, {})
+        mine[run.run_id] = None
+        if len(mine) > self.config.max_retained_runs_per_user:
+            self._forget(self._ended[next(iter(mine))])
+        self._enforce_byte_budget()
         if not self._active:
             self._idle.set()
 
+    def _enforce_byte_budget(self) -> None:
+        """Past ``max_retained_mib`` in all, forgets ended runs, oldest first."""
+        while self._held.bytes > self._held_limit and self._ended:
+            self._forget(next(iter(self._ended.values())))
+
     # ========================================================== services
     def _forget(self, run: AgentExecutionContext) -> None:
+        """Drops an ended run: retention expired, or a retention bound needed the room.
+
+        Idempotent: a run dropped by a bound is forgotten again when its timer comes.
+        """
+        if self._ended.pop(run.run_id, None) is None:
+            return
+        mine = self._ended_by_user[run.user_id]
+        del mine[run.run_id]
+        if not mine:
+            del self._ended_by_user[run.user_id]
         del self._runs[run.run_id]
+        self._held.bytes -= run.stream.held_bytes
         if self._by_request.get((run.user_id, run.request_id)) is run:
             del self._by_request[run.user_id, run.request_id]
         for connection in self.manager.forget_run(run.run_id):
@@ -596,20 +638,39 @@ class AgentExecutionRegistry:
             events_delivered=c["events_delivered"],
             events_retried=c["events_retried"],
             events_failed=c["events_failed"],
+            events_refused=c["events_refused"],
             dedup_hits=c["dedup_hits"],
         )
 
     def health(self) -> Health:
-        """``unhealthy`` when closing, ``degraded`` near capacity or when deliveries fail."""
+        """``unhealthy`` when closing; ``degraded`` near capacity or when deliveries fail.
+
+        Delivery failures count over the last :data:`HEALTH_WINDOW_S` seconds, so health
+        recovers once deliveries succeed again. Events refused because the caller broke a
+        stream rule are programming errors, not delivery failures: they do not count.
+        """
         if self._closing:
-            return Health("unhealthy", ("registry is shutting down",))
+            return Health("unhealthy", ("the registry is shutting down",))
         reasons = []
-        if len(self._active) >= 0.9 * self.config.max_active_runs:
-            reasons.append(f"{len(self._active)} active runs, near max_active_runs")
-        sent = self._counts["events_delivered"] + self._counts["events_failed"]
-        if sent and self._counts["events_failed"] / sent > 0.001:
-            reasons.append(f"{self._counts['events_failed']} of {sent} deliveries failed")
+        active, limit = len(self._active), self.config.max_active_runs
+        if active >= 0.9 * limit:
+            reasons.append(f"{active} runs in flight, at or near max_active_runs ({limit})")
+        handed, failed = self._recent_deliveries()
+        if failed and failed / (handed + failed) > _FAILURE_RATIO:
+            reasons.append(f"{failed} of {handed + failed} event deliveries failed in the "
+                           f"last {HEALTH_WINDOW_S:g} s")
         return Health("degraded", tuple(reasons)) if reasons else Health("ok")
+
+    def _recent_deliveries(self) -> tuple[int, int]:
+        """Deliveries handed and failed since the oldest mark inside the health window."""
+        now, marks = anyio.current_time(), self._health_marks
+        handed, failed = self._counts["events_delivered"], self._counts["events_failed"]
+        if now - marks[-1][0] >= 1.0:
+            marks.append((now, handed, failed))
+        while len(marks) > 1 and marks[1][0] <= now - HEALTH_WINDOW_S:
+            marks.popleft()
+        _, handed_before, failed_before = marks[0]
+        return handed - handed_before, failed - failed_before
 
     # ================================================ migration-plan API
     async def initialize(self) -> None:

@@ -56,6 +56,16 @@ _COMPACT_AT = 1024
 
 
 @final
+class HeldBytes:
+    """A running total of frame bytes held, shared by the streams of one registry."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+@final
 class RunStream:
     """The event log of one run; see the module docstring for the rules it enforces.
 
@@ -64,15 +74,20 @@ class RunStream:
         thread_id: The run's thread, copied into every event.
         agent: The agent name for a synthesised ``agent_started``.
         max_retained: How many of the newest events to keep for replay (>= 1).
+        total: Where the bytes of every stream of a registry are added up (for
+            ``max_retained_mib``); a stream of its own when omitted.
     """
 
     __slots__ = (
-        "_base", "_frames", "_head", "_open_tools", "_prefix", "_seen_call_ids", "_ts",
+        "_base", "_frames", "_head", "_open_tools", "_prefix", "_seen_call_ids", "_total", "_ts",
         "acked_seq", "agent", "held_bytes", "last_seq", "max_retained", "run_id", "status",
         "thread_id", "trimmed_through",
     )
 
-    def __init__(self, run_id: str, thread_id: str, agent: str, max_retained: int) -> None:
+    def __init__(
+        self, run_id: str, thread_id: str, agent: str, max_retained: int,
+        total: HeldBytes | None = None,
+    ) -> None:
         if max_retained < 1:
             raise ValueError("max_retained must be >= 1")
         self.run_id = run_id
@@ -85,6 +100,7 @@ class RunStream:
         self.status: RunStatus | None = None
         #: Bytes of the frames held (retained or still being read by a subscriber).
         self.held_bytes = 0
+        self._total = total if total is not None else HeldBytes()
         self._prefix = envelope_prefix(run_id, thread_id)
         self._frames: list[bytes] = []
         self._ts = array("d")
@@ -203,6 +219,7 @@ class RunStream:
         self._frames.append(frame)
         self._ts.append(ts)
         self.held_bytes += len(frame)
+        self._total.bytes += len(frame)
         if self.retained_count > self.max_retained:
             self.trim_through(self.last_seq - self.max_retained)
         return Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
@@ -238,7 +255,9 @@ class RunStream:
         if seq <= self._base:
             return
         stop = self._head + (seq - self._base)
-        self.held_bytes -= sum(map(len, self._frames[self._head:stop]))
+        freed = sum(map(len, self._frames[self._head:stop]))
+        self.held_bytes -= freed
+        self._total.bytes -= freed
         self._head = stop
         self._base = seq
         if self._head >= _COMPACT_AT and self._head * 2 >= len(self._frames):

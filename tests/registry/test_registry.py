@@ -523,6 +523,7 @@ async def test_statistics_count_runs_events_and_connections() -> None:
         assert (stats.retained_runs, stats.connections) == (3, 1)
         assert (stats.events_emitted, stats.events_delivered) == (8 + 3 + 2, 8 + 3)
         assert (stats.events_failed, stats.events_retried, stats.dedup_hits) == (0, 0, 0)
+        assert stats.events_refused == 0
 
 
 async def test_health_is_ok_then_degraded_when_deliveries_fail() -> None:
@@ -532,7 +533,32 @@ async def test_health_is_ok_then_degraded_when_deliveries_fail() -> None:
         await run.wait_done()
         health = reg.health()
         assert health.status == "degraded" and not health.ok
-        assert any("failed" in reason for reason in health.reasons)
+        assert health.reasons == ("1 of 1 event deliveries failed in the last 60 s",)
+
+
+async def test_health_recovers_once_the_failures_leave_its_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(delivery_retries=1) as reg:
+        run = start(reg, "echo", sub=MemorySubscriber(USER, fail_times=1))
+        await run.wait_done()
+        assert reg.health().status == "degraded"
+        await trio.sleep(30)
+        assert reg.health().status == "degraded"
+        for i in range(3):
+            await start(reg, "echo", f"ok-{i}", sub=MemorySubscriber(USER)).wait_done()
+            await trio.sleep(20)
+        assert reg.health().ok
+
+
+async def test_refused_events_are_not_delivery_failures() -> None:
+    async with registry() as reg:
+        reg.connect(MemorySubscriber(USER))
+        ctx, _ = await reg.create_execution_context("triage", USER, "m")
+        for _ in range(5):
+            assert not await reg.ensure_event_delivery(ctx, "agent_thinkin", {"thought": "x"})
+        assert reg.health().ok
+        assert reg.statistics().events_refused == 5
 
 
 async def test_health_is_degraded_near_max_active_runs() -> None:
