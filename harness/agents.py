@@ -9,7 +9,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, Final
 
-import trio
+import anyio
 
 from registry import AgentContext, AgentRegistry, InvalidField
 
@@ -105,7 +105,7 @@ def _scripted_tool(plan: ScriptedPlan, index: int) -> Any:
 
 async def _pause(seconds: float) -> None:
     if seconds > 0:
-        await trio.sleep(seconds)
+        await anyio.sleep(seconds)
 
 
 _RESEARCH_TOOLS: Final = (
@@ -128,14 +128,14 @@ async def research_agent(ctx: AgentContext) -> Any:
         sources.append(await ctx.tool(tool, {"query": ctx.message[:200]}, _research_tool(latency)))
     words = _answer_words(ctx.message, rng)
     for word in words:
-        await trio.sleep(rng.uniform(0.005, 0.02))
+        await anyio.sleep(rng.uniform(0.005, 0.02))
         await ctx.partial(word + " ")
     return {"answer": " ".join(words), "sources": sources}
 
 
 def _research_tool(latency: float) -> Any:
     async def tool(args: Mapping[str, Any]) -> Any:
-        await trio.sleep(latency)
+        await anyio.sleep(latency)
         return {"query": args["query"], "hits": 3, "latency_ms": round(latency * 1000)}
 
     return tool
