@@ -12,6 +12,7 @@ request or thread id, or any message text.
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from registry import AgentExecutionRegistry, Config, RunStatus
 
-__all__ = ["METRICS_CONTENT_TYPE", "Operations", "dashboard_html"]
+__all__ = ["METRICS_CONTENT_TYPE", "CollectorPauses", "Operations", "dashboard_html"]
 
 METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 #: Upper bounds (seconds) of the delivery-latency histogram's buckets.
@@ -94,6 +95,41 @@ def _percentile_ms(samples: list[float], fraction: float) -> float | None:
 
 
 @final
+class CollectorPauses:
+    """The cyclic garbage collector's pauses, measured with ``gc.callbacks``.
+
+    Use it as a context manager: it watches from entry to exit. A pause is the time from a
+    collection's start callback to its stop callback, in which the event loop is stopped.
+    """
+
+    __slots__ = ("_started", "by_generation", "count", "longest_s", "total_s")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_s = 0.0
+        self.longest_s = 0.0
+        self.by_generation = [0, 0, 0]
+        self._started = 0.0
+
+    def __enter__(self) -> CollectorPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.count += 1
+        self.total_s += pause
+        self.longest_s = max(self.longest_s, pause)
+        self.by_generation[info.get("generation", 2)] += 1
+
+
+@final
 class Operations:
     """Counters, readiness and the HTTP answers of the operations routes for one server.
 
@@ -116,6 +152,8 @@ class Operations:
         self.resumes: Counter[str] = Counter({"ok": 0, "not_found": 0,
                                               "resume_unavailable": 0})
         self.latency = _Latency()
+        #: The garbage collector's pauses (the server enters it while it serves).
+        self.gc = CollectorPauses()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_S)
         self._last_sample: tuple[float, int] = (time.monotonic(), 0)
         self.collectors = CollectorRegistry(auto_describe=False)
@@ -171,6 +209,7 @@ class Operations:
             "closes_4008": self.closes[4008], "runs_started": stats.runs_started,
             "runs_completed": {str(s): stats.runs_by_status.get(str(s), 0) for s in RunStatus},
             "errors": dict(self.errors), "history": list(self.history),
+            "gc_pauses": self.gc.count, "gc_pause_longest_ms": round(self.gc.longest_s * 1e3, 3),
         }
 
     def dashboard_json(self) -> bytes:
@@ -236,6 +275,18 @@ class _Collector:
                        stats.dedup_hits)
         yield _labelled(CounterMetricFamily, "registry_errors", "Error frames sent, by code.",
                         "code", dict(ops.errors))
+        yield from self._collector_pauses()
+
+    def _collector_pauses(self) -> Iterator[Metric]:
+        pauses = self.ops.gc
+        yield _labelled(CounterMetricFamily, "registry_gc_collections",
+                        "Cyclic garbage collections, by generation.", "generation",
+                        {str(g): n for g, n in enumerate(pauses.by_generation)})
+        yield _counter("registry_gc_pause_seconds",
+                       "Time the event loop stood still in garbage collections.", pauses.total_s)
+        yield GaugeMetricFamily("registry_gc_pause_longest_seconds",
+                                "The longest garbage-collection pause so far.",
+                                value=pauses.longest_s)
 
     def _events(self, stats: Any) -> Iterator[Metric]:
         ops = self.ops

@@ -649,18 +649,28 @@ async def serve(
     async with open_registry(config, agents=agents, tools=tools) as registry:
         ops = Operations(registry, config, "trio")
         server = ChatServer(registry, config, ops)
-        async with trio.open_nursery() as connections:
-            await connections.start(server.run_services)
-            await connections.start(ops.sampler)
-            async with trio.open_nursery() as listening:
-                bound = await listening.start(server.listen, host, port, connections)
-                ops.state = "ready"
-                task_status.started(bound)
-                await stop.wait()
-                ops.state = "draining"
-                await _shut_down(server, registry, config)
-                listening.cancel_scope.cancel()
-            connections.cancel_scope.cancel()
+        with ops.gc:
+            await _run(server, registry, config, host, port, stop, task_status)
+
+
+async def _run(
+    server: ChatServer, registry: AgentExecutionRegistry, config: Config, host: str, port: int,
+    stop: trio.Event, task_status: trio.TaskStatus[int],
+) -> None:
+    """Serves until ``stop``, then drains: listening stays open for /readyz (draining)."""
+    ops = server.ops
+    async with trio.open_nursery() as connections:
+        await connections.start(server.run_services)
+        await connections.start(ops.sampler)
+        async with trio.open_nursery() as listening:
+            bound = await listening.start(server.listen, host, port, connections)
+            ops.state = "ready"
+            task_status.started(bound)
+            await stop.wait()
+            ops.state = "draining"
+            await _shut_down(server, registry, config)
+            listening.cancel_scope.cancel()
+        connections.cancel_scope.cancel()
 
 
 async def _shut_down(server: ChatServer, registry: AgentExecutionRegistry, config: Config) -> None:
