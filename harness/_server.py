@@ -110,6 +110,8 @@ class ChatServer:
         self._nursery: trio.Nursery | None = None
         self._dirty: dict[_Socket, None] = {}
         self._flusher_lot = trio.lowlevel.ParkingLot()
+        #: Handshakes in progress: counted from accept, evictable once their task runs.
+        self._handshaking = 0
         self._pending: dict[int, trio.CancelScope] = {}
         self._pending_ids = iter(range(1 << 62))
         self._all_closed = trio.Event()
@@ -161,10 +163,11 @@ class ChatServer:
                     await trio.sleep(0.01)
                 return
             sock.setblocking(False)
-            if len(self._pending) >= self.config.max_pending_handshakes:
+            if self._handshaking >= self.config.max_pending_handshakes:
                 sock.close()  # at max_pending_handshakes: closed at once
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._handshaking += 1
             connections.start_soon(self._connection, sock, _label(address))
         await trio.lowlevel.checkpoint()
 
@@ -204,6 +207,7 @@ class ChatServer:
                     s = await self._route(sock, label, reader, request)
             finally:
                 self._pending.pop(pending_id, None)
+                self._handshaking -= 1
         if scope.cancelled_caught and s is not None:  # pragma: no cover - upgrade is not async
             self._lost(s)
             self._forget(s)

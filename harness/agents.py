@@ -71,7 +71,7 @@ async def echo_agent(ctx: AgentContext) -> Any:
 
 async def scripted_agent(ctx: AgentContext) -> Any:
     """Exactly 3 + 2T + K events, sleeping D ms before each event after the first."""
-    plan = ScriptedPlan(ctx.context)
+    plan = ScriptedPlan(ctx.options)
     await _pause(plan.delay_s)
     await ctx.think(f"running {plan.tools} tools and {plan.tokens} tokens")
     for index in range(1, plan.tools + 1):

@@ -14,7 +14,9 @@ from registry._agents import ToolFn as ToolFn
 from registry._config import Config as Config
 from registry._config import ConfigError as ConfigError
 from registry._config import Setting as Setting
-from registry._context import AgentExecutionContext as AgentExecutionContext
+from registry._current import get_agent_execution_registry as get_agent_execution_registry
+from registry._errors import DuplicateRun as DuplicateRun
+from registry._errors import EventRefused as EventRefused
 from registry._errors import InvalidField as InvalidField
 from registry._errors import Overloaded as Overloaded
 from registry._errors import RateLimited as RateLimited
@@ -26,11 +28,8 @@ from registry._errors import TooManyConnections as TooManyConnections
 from registry._errors import UnknownAgent as UnknownAgent
 from registry._errors import quote as quote
 from registry._events import Event as Event
-from registry._events import EventType as EventType
-from registry._events import PayloadError as PayloadError
-from registry._events import RunStatus as RunStatus
-from registry._events import ToolStatus as ToolStatus
-from registry._events import validate_payload as validate_payload
+from registry._health import Health as Health
+from registry._health import RegistryStatistics as RegistryStatistics
 from registry._lifecycle import IllegalTransition as IllegalTransition
 from registry._lifecycle import RunLifecycle as RunLifecycle
 from registry._lifecycle import RunState as RunState
@@ -47,17 +46,25 @@ from registry._payloads import AgentStarted as AgentStarted
 from registry._payloads import AgentThinking as AgentThinking
 from registry._payloads import PartialResult as PartialResult
 from registry._payloads import Payload as Payload
+from registry._payloads import PayloadError as PayloadError
 from registry._payloads import ToolCompleted as ToolCompleted
 from registry._payloads import ToolExecuting as ToolExecuting
+from registry._payloads import outcome as outcome
 from registry._payloads import payload_from_dict as payload_from_dict
 from registry._payloads import payload_to_dict as payload_to_dict
+from registry._payloads import validate_payload as validate_payload
 from registry._registry import AgentExecutionRegistry as AgentExecutionRegistry
-from registry._registry import Health as Health
-from registry._registry import RegistryStatistics as RegistryStatistics
-from registry._registry import get_agent_execution_registry as get_agent_execution_registry
 from registry._registry import open_registry as open_registry
+from registry._run import AgentExecutionContext as AgentExecutionContext
+from registry._run import Run as Run
 from registry._stream import RunStream as RunStream
 from registry._stream import SeqOutOfRange as SeqOutOfRange
 from registry._stream import StreamError as StreamError
+from registry._vocabulary import EventType as EventType
+from registry._vocabulary import EventTypeName as EventTypeName
+from registry._vocabulary import RunStatus as RunStatus
+from registry._vocabulary import RunStatusName as RunStatusName
+from registry._vocabulary import ToolStatus as ToolStatus
+from registry._vocabulary import ToolStatusName as ToolStatusName
 
 __version__ = "0.1.0"

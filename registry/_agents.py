@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, final
 
+import anyio
 import attrs
 
-from registry._errors import UnknownAgent, quote
-from registry._events import EventType
-
-if TYPE_CHECKING:
-    from registry._context import AgentExecutionContext
-    from registry._manager import WebSocketManager
-    from registry._registry import AgentExecutionRegistry
+from registry._current import get_agent_execution_registry
+from registry._errors import RunNotFound, UnknownAgent, quote
+from registry._payloads import (
+    AgentStarted,
+    AgentThinking,
+    PartialResult,
+    Payload,
+    ToolCompleted,
+    ToolExecuting,
+)
+from registry._run import Run
+from registry._vocabulary import EventType, EventTypeName
 
 __all__ = [
     "AgentContext",
@@ -28,11 +34,16 @@ __all__ = [
     "Supervisor",
     "ToolDispatcher",
     "ToolFn",
+    "run_agent",
 ]
 
 AgentFn = Callable[["AgentContext"], Awaitable[Any]]
 ToolFn = Callable[[Mapping[str, Any]], Awaitable[Any]]
 ContextValidator = Callable[[Mapping[str, Any]], None]
+#: How a handle records an event of its run (the registry's ``ensure_event_delivery``).
+Emit = Callable[[EventType | EventTypeName, Payload | Mapping[str, Any]], Awaitable[bool]]
+#: How a failure becomes the ``error``/``error_id`` a client sees (logged in full).
+DescribeFailure = Callable[[BaseException, str], dict[str, str]]
 
 
 def _accept_any(context: Mapping[str, Any]) -> None:
@@ -62,7 +73,6 @@ class AgentRegistry:
 
     def __init__(self) -> None:
         self._agents: dict[str, AgentSpec] = {}
-        self.websocket_manager: WebSocketManager | None = None
 
     def register(
         self, name: str, run: AgentFn, *, validate: ContextValidator | None = None
@@ -93,9 +103,9 @@ class AgentRegistry:
 class ToolDispatcher:
     """Runs tools for agents and emits the ``tool_executing``/``tool_completed`` pair of each.
 
-    A tool that raises gets ``tool_completed`` with status ``error`` and the exception is
-    re-raised to the agent. A tool cancelled with its run is completed ``cancelled`` by the
-    run's stream.
+    A tool that raises gets ``tool_completed`` with status ``error`` (a generic text and an
+    ``error_id``, see ``expose_errors``) and the exception is re-raised to the agent. A tool
+    cancelled with its run is completed ``cancelled`` by the run's stream.
     """
 
     def __init__(self) -> None:
@@ -124,59 +134,64 @@ class ToolDispatcher:
             Exception: whatever the tool raised (after ``tool_completed`` ``error``).
         """
         impl = fn if fn is not None else self._tools[tool]
-        args = dict(args or {})
         call_id = f"call_{next(self._call_ids)}"
-        base = {"tool": tool, "call_id": call_id}
-        await ctx.emit(EventType.TOOL_EXECUTING, {**base, "args": args})
+        await ctx.emit(EventType.TOOL_EXECUTING, ToolExecuting(tool, call_id, dict(args or {})))
         try:
-            result = await impl(args)
+            result = await impl(args or {})
         except Exception as exc:
-            failure = ctx.registry.describe_failure(ctx.execution, exc, "tool")
-            await ctx.emit(EventType.TOOL_COMPLETED, {**base, "status": "error", **failure})
+            failure = ctx.describe_failure(exc, "tool")
+            await ctx.emit(EventType.TOOL_COMPLETED, ToolCompleted(
+                tool, call_id, "error", error=failure["error"], error_id=failure["error_id"]))
             raise
-        await ctx.emit(EventType.TOOL_COMPLETED, {**base, "status": "ok", "result": result})
+        await ctx.emit(EventType.TOOL_COMPLETED, ToolCompleted(tool, call_id, "ok", result))
         return result
 
 
 @final
 class AgentContext:
-    """What an agent sees of its run: the request, and the ways to report progress."""
+    """An agent's handle on its run: what was asked, and the ways to report progress.
+
+    Args:
+        run: The run (read it; change it only through ``emit``).
+        emit: Records one event of the run.
+        tools: Runs the agent's tool calls.
+        describe_failure: Turns a tool's exception into what the client may see.
+    """
 
     def __init__(
-        self,
-        registry: AgentExecutionRegistry,
-        execution: AgentExecutionContext,
-        tools: ToolDispatcher,
+        self, run: Run, emit: Emit, tools: ToolDispatcher, describe_failure: DescribeFailure,
     ) -> None:
-        self.registry = registry
-        self.execution = execution
+        self.run = run
+        self.emit = emit
         self.tools = tools
+        self.describe_failure = describe_failure
 
     @property
     def message(self) -> str:
-        return self.execution.message
+        return self.run.message
 
     @property
-    def context(self) -> Mapping[str, Any]:
-        return self.execution.context
+    def options(self) -> Mapping[str, Any]:
+        """The client's options for this run (``start_agent.context`` on the wire)."""
+        return self.run.options
 
     @property
     def run_id(self) -> str:
-        return self.execution.run_id
+        return self.run.run_id
 
     @property
     def user_id(self) -> str:
-        return self.execution.user_id
+        return self.run.user_id
 
-    async def emit(self, event_type: EventType, payload: Mapping[str, Any]) -> bool:
-        """Emits one event of this run (see ``ensure_event_delivery``)."""
-        return await self.registry.ensure_event_delivery(self.execution, event_type, payload)
+    @property
+    def thread_id(self) -> str:
+        return self.run.thread_id
 
     async def think(self, thought: str) -> bool:
-        return await self.emit(EventType.AGENT_THINKING, {"thought": thought})
+        return await self.emit(EventType.AGENT_THINKING, AgentThinking(thought))
 
     async def partial(self, text: str) -> bool:
-        return await self.emit(EventType.PARTIAL_RESULT, {"text": text})
+        return await self.emit(EventType.PARTIAL_RESULT, PartialResult(text))
 
     async def tool(
         self, name: str, args: Mapping[str, Any] | None = None, fn: ToolFn | None = None
@@ -184,12 +199,24 @@ class AgentContext:
         """Calls a tool through the :class:`ToolDispatcher`; returns its result."""
         return await self.tools.execute(self, name, args, fn)
 
+    async def sleep(self, seconds: float) -> None:
+        """Waits ``seconds`` (a cancellation point, like any wait of the run)."""
+        await anyio.sleep(seconds)
+
+
+async def run_agent(spec: AgentSpec, ctx: AgentContext) -> Any:
+    """What a run of ``spec`` does: ``agent_started``, then the agent; returns its result."""
+    await ctx.emit(EventType.AGENT_STARTED, AgentStarted(spec.name))
+    return await spec.run(ctx)
+
 
 @final
 class Supervisor:
     """Runs agents from an :class:`AgentRegistry` with a :class:`ToolDispatcher`.
 
-    The registry calls :meth:`body_for` to get the coroutine function a run executes.
+    Attributes:
+        agent_registry: Where agents are found by name.
+        tool_dispatcher: What agents call tools through.
     """
 
     def __init__(
@@ -199,36 +226,33 @@ class Supervisor:
     ) -> None:
         self.agent_registry = agent_registry or AgentRegistry()
         self.tool_dispatcher = tool_dispatcher or ToolDispatcher()
-        self.registry: AgentExecutionRegistry | None = None
 
-    def body_for(
-        self, execution: AgentExecutionContext, spec: AgentSpec
-    ) -> Callable[[], Awaitable[Any]]:
-        """The coroutine function that runs ``spec`` for ``execution``: started, then the agent."""
-        registry = self.registry
-        if registry is None:
-            raise RuntimeError("the supervisor is not attached to a registry")
-        ctx = AgentContext(registry, execution, self.tool_dispatcher)
+    async def execute(self, ctx: AgentContext) -> Any:
+        """Runs the run's agent with ``ctx``: ``agent_started``, then the agent; its result."""
+        return await run_agent(self.agent_registry.get(ctx.run.agent), ctx)
 
-        async def body() -> Any:
-            await ctx.emit(EventType.AGENT_STARTED, {"agent": spec.name})
-            return await spec.run(ctx)
+    async def run(self, message: str, thread_id: str, user_id: str, run_id: str) -> Any:
+        """Runs the agent of an existing run (the migration plan's ``supervisor.run``).
 
-        return body
+        For a run made with ``create_execution_context``: finds it through the open
+        registry, runs its agent and returns the result (``complete_execution`` ends it).
+
+        Raises:
+            RunNotFound: no such run of ``user_id`` (or it does not match ``thread_id``).
+            UnknownAgent: the run's agent is not in this supervisor's agent registry.
+        """
+        registry = await get_agent_execution_registry()
+        run = registry.get_run(run_id, user_id)
+        if run.thread_id != thread_id or run.message != message:
+            raise RunNotFound(f"run {quote(run_id)} has another thread or message")
+        return await self.execute(registry.agent_context(run, self.tool_dispatcher))
 
     async def run_agent(
-        self,
-        agent: str,
-        user_id: str,
-        message: str,
-        *,
-        request_id: str,
+        self, agent: str, user_id: str, message: str, *, request_id: str,
         context: Mapping[str, Any] | None = None,
     ) -> Mapping[str, Any]:
-        """Starts ``agent`` through the registry and waits for it; returns the terminal payload."""
-        if self.registry is None:
-            raise RuntimeError("the supervisor is not attached to a registry")
-        run, _ = self.registry.start_run(
-            user_id=user_id, request_id=request_id, agent=agent, message=message, context=context
-        )
+        """Starts ``agent`` through the open registry and waits; returns the terminal payload."""
+        registry = await get_agent_execution_registry()
+        run, _ = registry.start_run(user_id=user_id, request_id=request_id, agent=agent,
+                                    message=message, context=context)
         return await run.wait_done()

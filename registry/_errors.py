@@ -6,6 +6,8 @@ from typing import ClassVar, Final
 
 __all__ = [
     "MAX_QUOTED",
+    "DuplicateRun",
+    "EventRefused",
     "InvalidField",
     "Overloaded",
     "RateLimited",
@@ -26,6 +28,25 @@ def quote(value: object) -> str:
     """``repr`` of a client's value for an error message, at most :data:`MAX_QUOTED` long."""
     text = repr(value[:MAX_QUOTED] if isinstance(value, str) else value)
     return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 3] + "..."
+
+
+class EventRefused(Exception):
+    """With ``strict``: an event broke a stream rule (a bug in the code that emitted it).
+
+    Not a :class:`RegistryError`: a remote client cannot cause it.
+    """
+
+
+class DuplicateRun(Exception):
+    """``open_execution_context`` for a (user, request_id) whose run already exists.
+
+    Attributes:
+        run: The run already registered for that request.
+    """
+
+    def __init__(self, run: object) -> None:
+        super().__init__("a run already exists for this user and request_id")
+        self.run = run
 
 
 class RegistryError(Exception):

@@ -1,98 +1,18 @@
-"""Event types, statuses and the run-event envelope of PROTOCOL.md, with JSON conversion."""
+"""The run-event envelope of PROTOCOL.md: its wire encoding (once per event) and a decoded view."""
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import Any, final
 
 import attrs
 
-__all__ = [
-    "Event",
-    "EventType",
-    "PayloadError",
-    "RunStatus",
-    "ToolStatus",
-    "dump_payload",
-    "encode_event",
-    "envelope_prefix",
-    "validate_payload",
-]
+from registry._payloads import Payload, payload_from_dict, validate_payload
+from registry._vocabulary import EventType
 
-
-class EventType(enum.StrEnum):
-    """The run events of PROTOCOL.md, in the order a run usually emits them."""
-
-    AGENT_STARTED = "agent_started"
-    AGENT_THINKING = "agent_thinking"
-    TOOL_EXECUTING = "tool_executing"
-    TOOL_COMPLETED = "tool_completed"
-    PARTIAL_RESULT = "partial_result"
-    AGENT_COMPLETED = "agent_completed"
-
-
-class RunStatus(enum.StrEnum):
-    """How a run ended: the ``status`` of ``agent_completed``."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-
-
-class ToolStatus(enum.StrEnum):
-    """How a tool call ended: the ``status`` of ``tool_completed``."""
-
-    OK = "ok"
-    ERROR = "error"
-    CANCELLED = "cancelled"
-
-
-class PayloadError(ValueError):
-    """A payload lacks a field its event type requires, or has one of the wrong type."""
-
-
-_STR = (str,)
-_REQUIRED: Final[Mapping[EventType, Mapping[str, tuple[type, ...]]]] = {
-    EventType.AGENT_STARTED: {"agent": _STR},
-    EventType.AGENT_THINKING: {"thought": _STR},
-    EventType.TOOL_EXECUTING: {"tool": _STR, "call_id": _STR, "args": (dict,)},
-    EventType.TOOL_COMPLETED: {"tool": _STR, "call_id": _STR, "status": _STR},
-    EventType.PARTIAL_RESULT: {"text": _STR},
-    EventType.AGENT_COMPLETED: {"status": _STR},
-}
-_STATUSES: Final[Mapping[EventType, frozenset[str]]] = {
-    EventType.TOOL_COMPLETED: frozenset(ToolStatus),
-    EventType.AGENT_COMPLETED: frozenset(RunStatus),
-}
-_OK_STATUSES: Final = frozenset({ToolStatus.OK, RunStatus.SUCCEEDED})
-
-
-def validate_payload(event_type: EventType, payload: Mapping[str, Any]) -> None:
-    """Checks that ``payload`` has the shape PROTOCOL.md gives ``event_type``.
-
-    Completion events carry ``result`` on success and ``error`` otherwise.
-
-    Raises:
-        PayloadError: naming the missing or mistyped field.
-    """
-    if not isinstance(payload, Mapping):
-        raise PayloadError(f"{event_type} payload must be an object")
-    for name, types in _REQUIRED[event_type].items():
-        if not isinstance(payload.get(name), types):
-            raise PayloadError(f"{event_type} payload needs {name!r} of type {types[0].__name__}")
-    allowed = _STATUSES.get(event_type)
-    if allowed is None:
-        return
-    status = payload["status"]
-    if status not in allowed:
-        raise PayloadError(f"{event_type} status {status!r} is not one of {sorted(allowed)}")
-    needed = "result" if status in _OK_STATUSES else "error"
-    if needed not in payload:
-        raise PayloadError(f"{event_type} with status {status!r} needs {needed!r}")
+__all__ = ["Event", "dump_payload", "encode_event", "envelope_prefix"]
 
 
 def _dumps(obj: Any) -> str:
@@ -165,10 +85,8 @@ class Event:
             self.payload,
         ).decode()
 
-    def typed_payload(self) -> Any:
+    def typed_payload(self) -> Payload:
         """The payload as its attrs type (``AgentStarted``, ``ToolCompleted``, ...)."""
-        from registry._payloads import payload_from_dict
-
         return payload_from_dict(self.type, self.payload)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from typing import Final, final
 
-from registry._events import RunStatus
+from registry._vocabulary import RunStatus
 
 __all__ = ["IllegalTransition", "RunLifecycle", "RunState", "Trigger"]
 
@@ -28,6 +28,8 @@ class RunState(enum.Enum):
 
 
 class Trigger(enum.Enum):
+    """What moves a run: ``start``; one of the endings; ``complete`` once its last event is out."""
+
     START = "start"
     SUCCEED = "succeed"
     FAIL = "fail"
@@ -43,24 +45,26 @@ class IllegalTransition(Exception):
     """A trigger that the run's current state does not allow (a bug in the caller)."""
 
 
-_C, _R, _G, _D = RunState.CREATED, RunState.RUNNING, RunState.COMPLETING, RunState.COMPLETED
+CREATED, RUNNING = RunState.CREATED, RunState.RUNNING
+COMPLETING, COMPLETED = RunState.COMPLETING, RunState.COMPLETED
 
-#: (state, trigger) -> (next state, the status the run ends with, if this decides it)
+#: (state, trigger) -> (next state, the status the run ends with, if this decides it).
+#: Read top to bottom: a run starts; one ending decides its status; then it completes.
 TRANSITIONS: Final[dict[tuple[RunState, Trigger], tuple[RunState, RunStatus | None]]] = {
-    (_C, Trigger.START): (_R, None),
-    (_C, Trigger.CANCEL): (_G, RunStatus.CANCELLED),
-    (_C, Trigger.TIMEOUT): (_G, RunStatus.TIMED_OUT),
-    (_C, Trigger.DETACH): (_G, RunStatus.CANCELLED),
-    (_C, Trigger.SHUTDOWN): (_G, RunStatus.CANCELLED),
-    (_C, Trigger.STALE): (_G, RunStatus.CANCELLED),
-    (_R, Trigger.SUCCEED): (_G, RunStatus.SUCCEEDED),
-    (_R, Trigger.FAIL): (_G, RunStatus.FAILED),
-    (_R, Trigger.CANCEL): (_G, RunStatus.CANCELLED),
-    (_R, Trigger.TIMEOUT): (_G, RunStatus.TIMED_OUT),
-    (_R, Trigger.DETACH): (_G, RunStatus.CANCELLED),
-    (_R, Trigger.SHUTDOWN): (_G, RunStatus.CANCELLED),
-    (_R, Trigger.STALE): (_G, RunStatus.CANCELLED),
-    (_G, Trigger.COMPLETE): (_D, None),
+    (CREATED, Trigger.START): (RUNNING, None),
+    (CREATED, Trigger.CANCEL): (COMPLETING, RunStatus.CANCELLED),
+    (CREATED, Trigger.TIMEOUT): (COMPLETING, RunStatus.TIMED_OUT),
+    (CREATED, Trigger.DETACH): (COMPLETING, RunStatus.CANCELLED),
+    (CREATED, Trigger.SHUTDOWN): (COMPLETING, RunStatus.CANCELLED),
+    (CREATED, Trigger.STALE): (COMPLETING, RunStatus.CANCELLED),
+    (RUNNING, Trigger.SUCCEED): (COMPLETING, RunStatus.SUCCEEDED),
+    (RUNNING, Trigger.FAIL): (COMPLETING, RunStatus.FAILED),
+    (RUNNING, Trigger.CANCEL): (COMPLETING, RunStatus.CANCELLED),
+    (RUNNING, Trigger.TIMEOUT): (COMPLETING, RunStatus.TIMED_OUT),
+    (RUNNING, Trigger.DETACH): (COMPLETING, RunStatus.CANCELLED),
+    (RUNNING, Trigger.SHUTDOWN): (COMPLETING, RunStatus.CANCELLED),
+    (RUNNING, Trigger.STALE): (COMPLETING, RunStatus.CANCELLED),
+    (COMPLETING, Trigger.COMPLETE): (COMPLETED, None),
 }
 
 
@@ -68,17 +72,16 @@ TRANSITIONS: Final[dict[tuple[RunState, Trigger], tuple[RunState, RunStatus | No
 class RunLifecycle:
     """Where one run is in its life, and why it ended."""
 
-    __slots__ = ("state", "status", "trigger")
+    __slots__ = ("state", "status")
 
     def __init__(self) -> None:
         self.state = RunState.CREATED
         self.status: RunStatus | None = None
-        self.trigger: Trigger | None = None
 
     @property
     def active(self) -> bool:
         """True until the run's ending has been decided."""
-        return self.state in (_C, _R)
+        return self.state in (CREATED, RUNNING)
 
     def can(self, trigger: Trigger) -> bool:
         return (self.state, trigger) in TRANSITIONS
@@ -98,5 +101,4 @@ class RunLifecycle:
         self.state = new_state
         if status is not None:
             self.status = status
-            self.trigger = trigger
         return new_state

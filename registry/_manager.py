@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Protocol, final, runtime_checkable
 
 from registry._errors import TooManyConnections
@@ -113,6 +115,25 @@ class WebSocketManager:
         """The open connections of ``user_id``."""
         return tuple(self._by_user.get(user_id, ()))
 
+    async def send_message(self, user_id: str, message: Mapping[str, Any]) -> bool:
+        """Writes one frame straight to every open connection of ``user_id``.
+
+        The legacy path of the migration plan (and of ``delivery_mode = direct``): no
+        numbering, no retention, no retries. A run event (a dict with ``seq``) is handed to
+        subscribers as an :class:`Event`; sockets get the JSON as it is.
+
+        Returns:
+            Whether at least one connection took it.
+        """
+        frame = json.dumps(message, separators=(",", ":"), default=str).encode()
+        took = False
+        for connection in self.connections(user_id):
+            if isinstance(connection, OutboundQueue):
+                took = connection.push_control(frame) or took
+            elif "seq" in message:
+                took = await _hand_once(connection, Event.from_dict(message)) or took
+        return took
+
     def connection_count(self) -> int:
         return sum(len(c) for c in self._by_user.values())
 
@@ -180,3 +201,11 @@ class WebSocketManager:
             subs.pop(connection, None)
             if not subs:
                 del table[run_id]
+
+
+async def _hand_once(subscriber: Subscriber, event: Event) -> bool:
+    try:
+        await subscriber.send_event(event)
+    except DeliveryError:
+        return False
+    return True

@@ -28,15 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, final
 
 from registry._errors import ResumeUnavailable, quote
-from registry._events import (
-    Event,
-    EventType,
-    RunStatus,
-    ToolStatus,
-    encode_event,
-    envelope_prefix,
-    validate_payload,
-)
+from registry._events import Event, encode_event, envelope_prefix
+from registry._payloads import validate_payload
+from registry._vocabulary import EventType, RunStatus, ToolStatus
 
 __all__ = ["ResumeUnavailable", "RunStream", "SeqOutOfRange", "StreamError"]
 

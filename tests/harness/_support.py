@@ -115,7 +115,7 @@ async def wait_run_ended(run_id: str, user: str) -> None:
 
     Uses the registry's documented accessor; only valid inside :func:`open_server`.
     """
-    run = get_agent_execution_registry().get_run(run_id, user)
+    run = (await get_agent_execution_registry()).get_run(run_id, user)
     with trio.fail_after(TIMEOUT):
         await run.wait_done()
 

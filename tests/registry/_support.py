@@ -18,9 +18,12 @@ ABANDONED = frozenset({RunStatus.CANCELLED, RunStatus.TIMED_OUT})
 
 
 def make_agents(**agents: AgentFn) -> AgentRegistry:
-    """An :class:`AgentRegistry` with each keyword registered as an agent of that name."""
+    """An :class:`AgentRegistry` with each keyword registered as an agent of that name.
+
+    ``triage`` (the migration plan's example agent, an echo) is always there too.
+    """
     registry = AgentRegistry()
-    for name, fn in agents.items():
+    for name, fn in {"triage": echo, **agents}.items():
         registry.register(name, fn)
     return registry
 

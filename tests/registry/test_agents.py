@@ -52,7 +52,7 @@ def test_tool_names_are_unique_and_non_empty() -> None:
 
 async def test_an_agent_sees_its_request_through_its_context() -> None:
     async def introspect(ctx: AgentContext) -> Any:
-        return {"message": ctx.message, "context": dict(ctx.context), "run_id": ctx.run_id,
+        return {"message": ctx.message, "context": dict(ctx.options), "run_id": ctx.run_id,
                 "user_id": ctx.user_id}
 
     async with open_registry(agents=make_agents(introspect=introspect)) as reg:
@@ -99,7 +99,7 @@ async def test_calling_a_tool_that_is_not_registered_fails_the_run() -> None:
 
 
 async def test_the_notifier_closes_the_most_recent_open_call_of_a_tool() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         ctx, notifier = await reg.create_execution_context("triage", USER, "m")
         assert await notifier.send_tool_executing("search", call_id="a")
         assert await notifier.send_tool_executing("search", call_id="b")
@@ -116,7 +116,7 @@ async def test_the_notifier_closes_the_most_recent_open_call_of_a_tool() -> None
 
 
 async def test_the_notifier_after_the_run_ended_returns_false() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         ctx, notifier = await reg.create_execution_context("triage", USER, "m")
         await reg.complete_execution(ctx, "done")
         assert not await notifier.send_tool_executing("search")

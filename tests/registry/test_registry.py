@@ -461,7 +461,7 @@ async def test_a_context_the_agent_refuses_is_invalid_field_and_starts_nothing()
         assert info.value.field == "context.tools"
         assert reg.statistics().runs_started == 0
         run = start(reg, "picky", context={"tools": 2})
-        assert run.context == {"tools": 2}
+        assert run.options == {"tools": 2}
 
 
 async def test_a_foreign_subscriber_is_refused_without_leaking_a_run() -> None:
@@ -572,14 +572,16 @@ async def test_health_is_degraded_near_max_active_runs() -> None:
 
 async def test_health_is_unhealthy_while_closing() -> None:
     seen: list[str] = []
+    opened: list[Any] = []
 
     async def watcher(ctx: AgentContext) -> Any:
         try:
             await trio.sleep_forever()
         finally:
-            seen.append(ctx.registry.health().status)
+            seen.append(opened[0].health().status)
 
     async with open_registry(agents=make_agents(watcher=watcher)) as reg:
+        opened.append(reg)
         start(reg, "watcher")
         await trio.testing.wait_all_tasks_blocked()
         assert reg.health().ok
@@ -601,11 +603,11 @@ async def test_a_closed_registry_refuses_new_runs() -> None:
 
 async def test_get_agent_execution_registry_is_the_innermost_open_one() -> None:
     with pytest.raises(RuntimeError):
-        get_agent_execution_registry()
+        await get_agent_execution_registry()
     async with registry() as outer:
-        assert get_agent_execution_registry() is outer
+        assert await get_agent_execution_registry() is outer
         async with registry() as inner:
-            assert get_agent_execution_registry() is inner
-        assert get_agent_execution_registry() is outer
+            assert await get_agent_execution_registry() is inner
+        assert await get_agent_execution_registry() is outer
     with pytest.raises(RuntimeError):
-        get_agent_execution_registry()
+        await get_agent_execution_registry()

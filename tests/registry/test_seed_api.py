@@ -19,7 +19,7 @@ from registry import (
     get_agent_execution_registry,
     open_registry,
 )
-from tests.registry._support import OTHER_USER, USER, check_run_events, types_of
+from tests.registry._support import OTHER_USER, USER, check_run_events, make_agents, types_of
 
 S, T, TE, TC, P, C = (EventType.AGENT_STARTED, EventType.AGENT_THINKING, EventType.TOOL_EXECUTING,
                       EventType.TOOL_COMPLETED, EventType.PARTIAL_RESULT,
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.usefixtures("hang_watchdog")
 
 
 async def test_the_after_example_runs_end_to_end() -> None:
-    supervisor, agent_registry = Supervisor(), AgentRegistry()
-    async with open_registry(Config()) as reg:
+    supervisor, agent_registry = Supervisor(), make_agents()
+    async with open_registry(Config(), agents=make_agents()) as reg:
         await reg.initialize()
-        reg.setup_agent_websocket_integration(supervisor, agent_registry)
+        await reg.setup_agent_websocket_integration(supervisor, agent_registry)
         sub = MemorySubscriber(USER)
         reg.connect(sub)
         ctx, notifier = await reg.create_execution_context(
@@ -60,24 +60,22 @@ async def test_setup_wires_the_supervisor_and_agent_registry() -> None:
 
     supervisor, agent_registry = Supervisor(), AgentRegistry()
     agent_registry.register("echo", echo)
-    async with open_registry() as reg:
-        reg.setup_agent_websocket_integration(supervisor, agent_registry)
-        assert agent_registry.websocket_manager is reg.manager
-        assert (supervisor.registry, reg.supervisor, reg.agents) == (
-            reg, supervisor, agent_registry)
+    async with open_registry(agents=make_agents()) as reg:
+        await reg.setup_agent_websocket_integration(supervisor, agent_registry)
+        assert (reg.supervisor, reg.agents) == (supervisor, agent_registry)
         payload = await supervisor.run_agent("echo", USER, "hi", request_id="r")
         assert payload == {"status": "succeeded", "result": "hi"}
 
 
 async def test_get_agent_execution_registry_returns_the_open_registry() -> None:
-    async with open_registry() as reg:
-        assert get_agent_execution_registry() is reg
+    async with open_registry(agents=make_agents()) as reg:
+        assert await get_agent_execution_registry() is reg
     with pytest.raises(RuntimeError):
-        get_agent_execution_registry()
+        await get_agent_execution_registry()
 
 
 async def test_ensure_event_delivery_of_agent_completed_ends_the_run() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         sub = MemorySubscriber(USER)
         reg.connect(sub)
         ctx, notifier = await reg.create_execution_context("triage", USER, "m")
@@ -94,7 +92,7 @@ async def test_ensure_event_delivery_of_agent_completed_ends_the_run() -> None:
 async def test_a_seed_run_never_completed_still_times_out_with_a_terminal_event(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with open_registry(Config(agent_timeout_s=7)) as reg:
+    async with open_registry(Config(agent_timeout_s=7), agents=make_agents()) as reg:
         sub = MemorySubscriber(USER)
         reg.connect(sub)
         t0 = trio.current_time()
@@ -112,7 +110,7 @@ async def test_a_seed_run_never_completed_still_times_out_with_a_terminal_event(
 
 async def test_a_seed_run_abandoned_at_registry_exit_is_cancelled() -> None:
     sub = MemorySubscriber(USER)
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         reg.connect(sub)
         ctx, notifier = await reg.create_execution_context("triage", USER, "m")
         await notifier.send_agent_thinking("hmm")
@@ -121,7 +119,7 @@ async def test_a_seed_run_abandoned_at_registry_exit_is_cancelled() -> None:
 
 
 async def test_complete_execution_with_an_exception_fails_the_run() -> None:
-    async with open_registry(Config(expose_errors=True)) as reg:
+    async with open_registry(Config(expose_errors=True), agents=make_agents()) as reg:
         sub = MemorySubscriber(USER)
         reg.connect(sub)
         ctx, _ = await reg.create_execution_context("triage", USER, "m")
@@ -135,7 +133,7 @@ async def test_complete_execution_with_an_exception_fails_the_run() -> None:
 
 
 async def test_notifier_completion_with_an_error_fails_the_run() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         ctx, notifier = await reg.create_execution_context("triage", USER, "m")
         assert await notifier.send_tool_executing("search", call_id="c-9")
         assert await notifier.send_tool_completed("search", error="timeout")
@@ -147,7 +145,7 @@ async def test_notifier_completion_with_an_error_fails_the_run() -> None:
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_context() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         contexts: list[Any] = []
 
         async def create() -> None:
@@ -164,7 +162,7 @@ async def test_concurrent_creates_with_one_request_id_make_one_context() -> None
 
 
 async def test_a_seed_run_reaches_every_connection_of_its_user_only() -> None:
-    async with open_registry() as reg:
+    async with open_registry(agents=make_agents()) as reg:
         first, second, stranger = (MemorySubscriber(USER), MemorySubscriber(USER),
                                    MemorySubscriber(OTHER_USER))
         for connection in (first, second, stranger):
@@ -178,7 +176,7 @@ async def test_a_seed_run_reaches_every_connection_of_its_user_only() -> None:
 
 
 async def test_seed_runs_count_against_the_per_user_limit() -> None:
-    async with open_registry(Config(max_active_runs_per_user=1)) as reg:
+    async with open_registry(Config(max_active_runs_per_user=1), agents=make_agents()) as reg:
         ctx, _ = await reg.create_execution_context("triage", USER, "m", {"request_id": "a"})
         with pytest.raises(RateLimited):
             await reg.create_execution_context("triage", USER, "m", {"request_id": "b"})
