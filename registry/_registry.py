@@ -19,24 +19,24 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from registry import _current
-from registry._agents import AgentContext, AgentRegistry, Supervisor, ToolDispatcher, run_agent
+from registry._agents import AgentRegistry, Supervisor, ToolDispatcher, run_agent
 from registry._compat import MigrationPlanAPI
 from registry._config import Config
+from registry._current import OPEN
 from registry._delivery import Delivery
-from registry._errors import EventRefused, InvalidField, ResumeUnavailable, RunNotFound
-from registry._events import Event
-from registry._health import DeliveryWindow, Health, RegistryStatistics
+from registry._emit import EmitAPI
+from registry._errors import RunNotFound
+from registry._health import DeliveryWindow, Health, RegistryStatistics, judge, snapshot
 from registry._lifecycle import Trigger
 from registry._manager import Connection, WebSocketManager
-from registry._outbound import OutboundQueue
-from registry._payloads import Payload, outcome, payload_to_dict, validate_payload
+from registry._payloads import outcome
+from registry._retention import Retention
 from registry._run import Run
-from registry._stream import HeldBytes, RunStream, SeqOutOfRange, StreamError
+from registry._stream import RunStream
+from registry._subscriptions import SubscriptionsAPI
 from registry._table import RunTable
 from registry._timers import DeadlineQueue
 from registry._util import unwrapping_groups
-from registry._vocabulary import EventType, EventTypeName
 
 __all__ = ["AgentExecutionRegistry", "open_registry"]
 
@@ -44,8 +44,6 @@ log = logging.getLogger("registry")
 
 Body = Callable[[], Awaitable[Any]]
 
-#: An agent emitting without pause yields to other tasks at least this often.
-_EMITS_PER_YIELD: Final = 8
 _REASONS: Final = {
     Trigger.CANCEL: "cancelled by the client",
     Trigger.DETACH: "no connection subscribed for detached_run_timeout_s",
@@ -76,18 +74,18 @@ async def open_registry(
     async with unwrapping_groups(), anyio.create_task_group() as tg:
         reg = AgentExecutionRegistry(config, tg, Supervisor(agents, tools))
         await reg.start_services()
-        _current.OPEN.append(reg)
+        OPEN.append(reg)
         try:
             yield reg
         finally:
-            _current.OPEN.remove(reg)
+            OPEN.remove(reg)
             with anyio.move_on_after(config.shutdown_grace_s, shield=True):
                 await reg.aclose_runs()
             tg.cancel_scope.cancel()
 
 
 @final
-class AgentExecutionRegistry(MigrationPlanAPI):
+class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
     """The single source of truth for agent runs. Open it with :func:`open_registry`.
 
     Every run executes in its own cancel scope, so a cancel, an agent exception, a timeout,
@@ -105,10 +103,8 @@ class AgentExecutionRegistry(MigrationPlanAPI):
             max_active_runs=config.max_active_runs,
             max_active_runs_per_user=config.max_active_runs_per_user,
             max_retained_runs_per_user=config.max_retained_runs_per_user)
-        self._held = HeldBytes()
-        self._held_limit = int(config.max_retained_mib * 1024 * 1024)
         self._delivery = Delivery(config, self.manager, self._maybe_detached, self.disconnect)
-        self._retention = DeadlineQueue(config.retention_s, self._drop)
+        self._retention = Retention(config, self._table, self.manager)
         self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
         self._idle = anyio.Event()
         self._idle.set()
@@ -117,7 +113,7 @@ class AgentExecutionRegistry(MigrationPlanAPI):
 
     async def start_services(self) -> None:
         """Starts retention expiry, the detached-run timer and the stale sweep."""
-        for service in (self._retention.serve, self._detached.serve, self._sweep_service):
+        for service in (self._retention.expiry.serve, self._detached.serve, self._sweep_service):
             await self._tg.start(service)
 
     # ================================================================ runs
@@ -161,141 +157,6 @@ class AgentExecutionRegistry(MigrationPlanAPI):
     def active_runs(self) -> tuple[Run, ...]:
         return tuple(self._table.active())
 
-    def agent_context(self, run: Run, tools: ToolDispatcher | None = None) -> AgentContext:
-        """The handle an agent gets for ``run``: its emit, its tools, its failure texts."""
-        async def emit(kind: EventType | EventTypeName, payload: Payload | Mapping[str, Any]
-                       ) -> bool:
-            return await self.ensure_event_delivery(run, kind, payload)
-
-        def describe(exc: BaseException, what: str) -> dict[str, str]:
-            return self.describe_failure(run, exc, what)
-
-        return AgentContext(run, emit, tools or self.supervisor.tool_dispatcher, describe)
-
-    # ========================================================= connections
-    def connect(self, connection: Connection) -> None:
-        """Registers an open connection (TooManyConnections at the per-user limit)."""
-        self.manager.connect(connection)
-
-    def disconnect(self, connection: Connection) -> None:
-        """Forgets a connection and unsubscribes it from every run."""
-        for run_id in self.manager.disconnect(connection):
-            if isinstance(connection, OutboundQueue):
-                connection.unsubscribe(run_id)
-            run = self._table.lookup(run_id)
-            if run is not None:
-                self._delivery.release(run)
-                self._maybe_detached(run)
-
-    def resume(self, run_id: str, user_id: str, after_seq: int, connection: Connection) -> None:
-        """Subscribes ``connection`` to a run: every retained event after ``after_seq``, then live.
-
-        On a connection already subscribed it restarts that connection's copy of the stream.
-
-        Raises:
-            RunNotFound: no such retained run of this user.
-            InvalidField: ``after_seq`` is beyond the last event (field ``after_seq``).
-            ResumeUnavailable: events after ``after_seq`` were trimmed (or, with
-                ``delivery_mode`` direct, never kept).
-        """
-        run = self._table.get(run_id, user_id)
-        if self.config.delivery_mode == "direct":
-            raise ResumeUnavailable("delivery_mode is direct: runs are not retained for resume")
-        try:
-            run.stream.check_resume(after_seq)
-        except SeqOutOfRange as exc:
-            raise InvalidField("after_seq", str(exc)) from None
-        self._subscribe(run, connection, after_seq)
-
-    def ack(self, run_id: str, user_id: str, seq: int) -> None:
-        """Records a cumulative ack; trims what every connection following the run has taken.
-
-        Raises:
-            RunNotFound: no such retained run of this user.
-            InvalidField: ``seq`` is beyond the last event (field ``seq``).
-        """
-        run = self._table.get(run_id, user_id)
-        try:
-            run.stream.ack(seq)
-        except SeqOutOfRange as exc:
-            raise InvalidField("seq", str(exc)) from None
-        floor = min((_sent_through(c, run_id) for c in self.manager.subscribers(run_id)),
-                    default=run.stream.acked_seq)
-        run.stream.trim_through(min(floor, run.stream.acked_seq))
-        self._delivery.release(run)
-
-    # ============================================================== events
-    async def ensure_event_delivery(
-        self, context: Run, event_type: EventType | EventTypeName,
-        payload: Mapping[str, Any] | Payload,
-    ) -> bool:
-        """Records one event of a run and delivers it to every connection following the run.
-
-        A socket takes it at once; another subscriber gets ``delivery_retries`` attempts,
-        ``retry_delay_s`` apart, and is unsubscribed (it can resume) if all fail.
-        ``agent_completed`` ends the run (see ``complete_execution``). A cancellation point,
-        and a schedule point every ``_EMITS_PER_YIELD`` events of a run.
-
-        Returns:
-            True when the event was recorded and every subscriber took it; False when some
-            subscriber failed every attempt, or (unless ``strict``) the event was refused.
-
-        Raises:
-            EventRefused: with ``strict``, the event broke a stream rule (ended run, unknown
-                type, bad payload, a second ``agent_started``, an unpaired tool call).
-        """
-        await self._pace(context)
-        try:
-            payload = payload_to_dict(payload)
-            event_type = EventType(event_type)
-            if event_type is EventType.AGENT_COMPLETED:
-                return await self._complete_with(context, payload)
-            if not context.is_active:
-                raise StreamError(f"run {context.run_id} has ended")
-            events = context.stream.emit(event_type, payload, time.time())
-        except (ValueError, StreamError) as exc:
-            return self._refuse(context, exc)
-        return await self._deliver(context, events)
-
-    async def _pace(self, run: Run) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        run._emits_since_yield += 1
-        if run._emits_since_yield >= _EMITS_PER_YIELD:
-            run._emits_since_yield = 0
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    def _refuse(self, run: Run, exc: Exception) -> bool:
-        self._refused += 1
-        if self.config.strict:
-            raise EventRefused(f"run {run.run_id}: {exc}") from exc
-        log.warning("event refused run_id=%s user_id=%s: %s", run.run_id, run.user_id, exc)
-        return False
-
-    async def _deliver(self, run: Run, events: list[Event]) -> bool:
-        ok = await self._delivery.deliver(run, events)
-        if self._held.bytes > self._held_limit:
-            self._drop_oldest_until_within_budget()
-        return ok
-
-    async def _complete_with(self, run: Run, payload: Mapping[str, Any]) -> bool:
-        """Ends ``run`` as an ``agent_completed`` payload says, and waits until it has ended."""
-        validate_payload(EventType.AGENT_COMPLETED, payload)
-        decided = self._end(run, _TRIGGERS[payload["status"]], dict(payload))
-        await run.done.wait()
-        return decided
-
-    def describe_failure(self, run: Run, exc: BaseException, what: str) -> dict[str, str]:
-        """The ``error`` and ``error_id`` a failed agent or tool shows its client.
-
-        The exception is logged in full with the ``error_id``; the client gets a short
-        generic text, or (with ``expose_errors``, for development) the exception's text.
-        """
-        error_id = secrets.token_hex(8)
-        log.warning("%s failed error_id=%s run_id=%s user_id=%s", what, error_id, run.run_id,
-                    run.user_id, exc_info=exc)
-        text = _describe(exc) if self.config.expose_errors else f"the {what} failed"
-        return {"error": text, "error_id": error_id}
-
     # ============================================================ lifecycle
     def _admit(
         self, user_id: str, request_id: str, agent: str, message: str, thread_id: str | None,
@@ -309,7 +170,7 @@ class AgentExecutionRegistry(MigrationPlanAPI):
             run_id=run_id, user_id=user_id, request_id=request_id, thread_id=thread_id,
             agent=agent, message=message, options=dict(options or {}), created_at=now,
             stream=RunStream(run_id, thread_id, agent, self.config.max_retained_events_per_run,
-                             self._held),
+                             self._retention.held),
             scope=anyio.CancelScope(deadline=now + self.config.agent_timeout_s))
         run.lifecycle.fire(Trigger.START)
         self._table.add(run)
@@ -326,17 +187,6 @@ class AgentExecutionRegistry(MigrationPlanAPI):
     def _agent_body(self, run: Run) -> Body:
         ctx = self.agent_context(run)
         return lambda: run_agent(self.agents.get(run.agent), ctx)
-
-    def _subscribe(self, run: Run, connection: Connection, after_seq: int) -> None:
-        """Starts ``connection``'s copy of the run after ``after_seq`` (checked to be held)."""
-        if connection.user_id != run.user_id:
-            raise RunNotFound(f"no run {run.run_id!r}")
-        self.manager.subscribe(connection, run.run_id, run.stream.last_seq + 1)
-        run._detach_generation += 1
-        if isinstance(connection, OutboundQueue):
-            connection.subscribe(run.run_id, run.stream, after_seq)
-        else:
-            connection.attach(run.run_id, after_seq, list(run.stream.events_after(after_seq)))
 
     async def _drive(self, run: Run, body: Body) -> None:
         """The run's task: its body in its scope; then, whatever happened, its completion."""
@@ -385,33 +235,10 @@ class AgentExecutionRegistry(MigrationPlanAPI):
             run.lifecycle.fire(Trigger.COMPLETE)
             run.ended_at = anyio.current_time()
             run._scope = run._lock = None  # an ended run keeps only what a resume needs
-            for extra in self._table.complete(run):
-                self._drop(extra)
-            self._retention.push(run, run.ended_at)
-            if self._held.bytes > self._held_limit:
-                self._drop_oldest_until_within_budget()
+            self._retention.keep(run, run.ended_at)
             run.done.set()
             if not self._table.active_count:
                 self._idle.set()
-
-    def _drop(self, run: Run) -> None:
-        """Forgets an ended run: its retention is over, or a retention bound needs the room."""
-        if not self._table.drop(run):
-            return
-        self._held.bytes -= run.stream.held_bytes
-        for connection in self.manager.forget_run(run.run_id):
-            if isinstance(connection, OutboundQueue):
-                connection.unsubscribe(run.run_id)
-            else:
-                connection.detach(run.run_id)
-
-    def _drop_oldest_until_within_budget(self) -> None:
-        """Past ``max_retained_mib``: drops ended runs, oldest first."""
-        while self._held.bytes > self._held_limit:
-            oldest = self._table.oldest_ended()
-            if oldest is None:
-                return
-            self._drop(oldest)
 
     # ============================================================= services
     def _maybe_detached(self, run: Run) -> None:
@@ -450,15 +277,8 @@ class AgentExecutionRegistry(MigrationPlanAPI):
     # ======================================================= introspection
     def statistics(self) -> RegistryStatistics:
         """A frozen snapshot of the registry's state and counters."""
-        table, counts = self._table, self._delivery.counts
-        return RegistryStatistics(
-            active_runs=table.active_count, active_runs_per_user=table.active_per_user(),
-            retained_runs=table.retained_count, connections=self.manager.connection_count(),
-            runs_started=table.runs_started, runs_completed=table.runs_completed,
-            runs_by_status=dict(table.completed_by_status),
-            events_emitted=counts["events_emitted"], events_delivered=counts["events_delivered"],
-            events_retried=counts["events_retried"], events_failed=counts["events_failed"],
-            events_refused=self._refused, dedup_hits=table.dedup_hits)
+        return snapshot(self._table, self._delivery.counts, self._refused,
+                        self.manager.connection_count())
 
     def health(self) -> Health:
         """``unhealthy`` when closing; ``degraded`` near capacity or when deliveries fail.
@@ -466,33 +286,8 @@ class AgentExecutionRegistry(MigrationPlanAPI):
         Delivery failures count over the last 60 s, so health recovers; refused events
         (programming errors) are not delivery failures.
         """
-        if self._table.closing:
-            return Health("unhealthy", ("the registry is shutting down",))
-        reasons = []
-        active, limit = self._table.active_count, self.config.max_active_runs
-        if active >= 0.9 * limit:
-            reasons.append(f"{active} runs in flight, at or near max_active_runs ({limit})")
-        counts = self._delivery.counts
-        failing = self._window.failure(anyio.current_time(), counts["events_delivered"],
-                                       counts["events_failed"])
-        reasons += [failing] if failing else []
-        return Health("degraded", tuple(reasons)) if reasons else Health("ok")
-
-
-_TRIGGERS: Final = {"succeeded": Trigger.SUCCEED, "failed": Trigger.FAIL,
-                    "cancelled": Trigger.CANCEL, "timed_out": Trigger.TIMEOUT}
+        return judge(self._table, self._delivery.counts, self._window, anyio.current_time())
 
 
 def _failed(failure: Mapping[str, str]) -> dict[str, Any]:
     return {"status": "failed", **failure}
-
-
-def _sent_through(connection: Connection, run_id: str) -> int:
-    if isinstance(connection, OutboundQueue):
-        return connection.sent_through(run_id)
-    return connection.delivered_through(run_id)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,130 @@
+"""Recording a run's events: the agents' one way in, paced, checked and delivered.
+
+A mixin of :class:`~registry.AgentExecutionRegistry` over the driver's steps declared below.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio.lowlevel
+
+from registry._agents import AgentContext, ToolDispatcher
+from registry._errors import EventRefused
+from registry._health import failure
+from registry._lifecycle import Trigger
+from registry._payloads import Payload, payload_to_dict, validate_payload
+from registry._stream import StreamError
+from registry._vocabulary import EventType, EventTypeName
+
+if TYPE_CHECKING:
+    from registry._agents import Supervisor
+    from registry._config import Config
+    from registry._delivery import Delivery
+    from registry._events import Event
+    from registry._retention import Retention
+    from registry._run import Run
+
+__all__ = ["EmitAPI"]
+
+log = logging.getLogger("registry")
+
+#: An agent emitting without pause yields to other tasks at least this often.
+_EMITS_PER_YIELD: Final = 8
+
+
+class EmitAPI(abc.ABC):
+    """``ensure_event_delivery`` and the handle agents emit through."""
+
+    config: Config
+    supervisor: Supervisor
+    _delivery: Delivery
+    _retention: Retention
+    _refused: int
+
+    @abc.abstractmethod
+    def _end(self, run: Run, trigger: Trigger,
+             payload: Mapping[str, Any] | None = None) -> bool: ...
+
+    def agent_context(self, run: Run, tools: ToolDispatcher | None = None) -> AgentContext:
+        """The handle an agent gets for ``run``: its emit, its tools, its failure texts."""
+        async def emit(kind: EventType | EventTypeName, payload: Payload | Mapping[str, Any]
+                       ) -> bool:
+            return await self.ensure_event_delivery(run, kind, payload)
+
+        def describe(exc: BaseException, what: str) -> dict[str, str]:
+            return self.describe_failure(run, exc, what)
+
+        return AgentContext(run, emit, tools or self.supervisor.tool_dispatcher, describe)
+
+    def describe_failure(self, run: Run, exc: BaseException, what: str) -> dict[str, str]:
+        """The ``error`` and ``error_id`` a failed agent or tool shows (see ``failure``)."""
+        return failure(run, exc, what, expose=self.config.expose_errors)
+
+    # ============================================================== events
+    async def ensure_event_delivery(
+        self, context: Run, event_type: EventType | EventTypeName,
+        payload: Mapping[str, Any] | Payload,
+    ) -> bool:
+        """Records one event of a run and delivers it to every connection following the run.
+
+        A socket takes it at once; another subscriber gets ``delivery_retries`` attempts,
+        ``retry_delay_s`` apart, and is unsubscribed (it can resume) if all fail.
+        ``agent_completed`` ends the run (see ``complete_execution``). A cancellation point,
+        and a schedule point every ``_EMITS_PER_YIELD`` events of a run.
+
+        Returns:
+            True when the event was recorded and every subscriber took it; False when some
+            subscriber failed every attempt, or (unless ``strict``) the event was refused.
+
+        Raises:
+            EventRefused: with ``strict``, the event broke a stream rule (ended run, unknown
+                type, bad payload, a second ``agent_started``, an unpaired tool call).
+        """
+        await self._pace(context)
+        try:
+            payload = payload_to_dict(payload)
+            event_type = EventType(event_type)
+            if event_type is EventType.AGENT_COMPLETED:
+                return await self._complete_with(context, payload)
+            if not context.is_active:
+                raise StreamError(f"run {context.run_id} has ended")
+            events = context.stream.emit(event_type, payload, time.time())
+        except (ValueError, StreamError) as exc:
+            return self._refuse(context, exc)
+        return await self._deliver(context, events)
+
+    async def _pace(self, run: Run) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        run._emits_since_yield += 1
+        if run._emits_since_yield >= _EMITS_PER_YIELD:
+            run._emits_since_yield = 0
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    def _refuse(self, run: Run, exc: Exception) -> bool:
+        self._refused += 1
+        if self.config.strict:
+            raise EventRefused(f"run {run.run_id}: {exc}") from exc
+        log.warning("event refused run_id=%s user_id=%s: %s", run.run_id, run.user_id, exc)
+        return False
+
+    async def _deliver(self, run: Run, events: list[Event]) -> bool:
+        ok = await self._delivery.deliver(run, events)
+        self._retention.within_budget()
+        return ok
+
+    async def _complete_with(self, run: Run, payload: Mapping[str, Any]) -> bool:
+        """Ends ``run`` as an ``agent_completed`` payload says, and waits until it has ended."""
+        validate_payload(EventType.AGENT_COMPLETED, payload)
+        decided = self._end(run, _TRIGGERS[payload["status"]], dict(payload))
+        await run.done.wait()
+        return decided
+
+
+
+_TRIGGERS: Final = {"succeeded": Trigger.SUCCEED, "failed": Trigger.FAIL,
+                    "cancelled": Trigger.CANCEL, "timed_out": Trigger.TIMEOUT}
