@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any, final
 
@@ -20,9 +21,12 @@ __all__ = ["AgentExecutionContext", "Run"]
 class Run:
     """One run: who asked for what, its event log and where it is in its life.
 
-    Created only by the registry. Read its public attributes freely; change it only through
-    the registry (emitting events, completing, cancelling). The private fields are the
-    registry's: a run that has ended keeps none of them but what a late resume needs.
+    The registry creates its runs. Read their public attributes freely; change a run only
+    through the registry (emitting events, completing, cancelling). The private fields are
+    the registry's: a run that has ended keeps none of them but what a late resume needs.
+    Legacy glue code may build one by hand (``AgentExecutionContext(run_id=..., user_id=...,
+    agent=...)``) for a ``WebSocketNotifier(websocket_manager)``, the path the migration
+    plan replaces: such a run is not registered and has none of the registry's guarantees.
 
     Attributes:
         run_id: Unguessable id (128 random bits, hex).
@@ -40,13 +44,16 @@ class Run:
 
     run_id: str
     user_id: str
-    request_id: str
-    thread_id: str
     agent: str
-    message: str
-    options: Mapping[str, Any]
-    created_at: float
-    stream: RunStream
+    request_id: str = attrs.field(
+        default=attrs.Factory(lambda self: self.run_id, takes_self=True))
+    thread_id: str = attrs.field(factory=lambda: "thread_" + secrets.token_hex(8))
+    message: str = ""
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    created_at: float = 0.0
+    stream: RunStream = attrs.field(default=attrs.Factory(
+        lambda self: RunStream(self.run_id, self.thread_id, self.agent, 100_000),
+        takes_self=True))
     lifecycle: RunLifecycle = attrs.field(factory=RunLifecycle)
     final_payload: Mapping[str, Any] | None = None
     ended_at: float | None = None
