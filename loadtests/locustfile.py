@@ -12,6 +12,8 @@ What Locust shows:
   (receive wall time - the event's ``ts``), size = frame bytes.
 * ``RUN <agent>``: one request per run followed to its end, response time = run duration.
 * ``CONN connect``: each WebSocket handshake (failures: 401/429/refused...).
+* ``TOKEN refresh``: each ``refresh`` a user sent before its token expired, response time = until
+  ``refreshed``; a refused refresh is a failure.
 * ``VIOLATION <kind>``: one failure per broken guarantee (lost, duplicate, reordered, foreign,
   unterminated, unpaired_tool, malformed); ``START <agent>`` failures for refused starts.
 
@@ -21,7 +23,9 @@ requests above ``--p95-ms`` / ``--p99-ms`` fails the run.
 
 Options (also env ``LOCUST_<NAME>``): ``--p95-ms`` (500), ``--p99-ms`` (1000),
 ``--drop-fraction`` (0.1), ``--agent-mix`` (``scripted:3,research:1``), ``--run-timeout-s`` (60),
-``--think-min-s``/``--think-max-s`` (1/4), ``--events-out`` (a directory: each process writes
+``--think-min-s``/``--think-max-s`` (1/4), ``--token-ttl-s`` (3600: each user's JWT lifetime;
+users send ``refresh`` with a new token before it expires), ``--events-out`` (a directory: each
+process writes
 ``events-<pid>.json`` with its tally and raw latency samples at test stop; env
 ``LOADTEST_EVENTS_OUT`` works too). The host is the server's ``ws://HOST:PORT/ws`` URL and the
 JWT secret comes from env ``REGISTRY_AUTH_SECRET``.
@@ -44,6 +48,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import jwt
 import websocket
 from locust import User, events, task
 from locust.env import Environment
@@ -75,6 +80,10 @@ class StartRefused(Exception):
     """The server answered ``start_agent`` with an error, or not at all."""
 
 
+class RefreshRefused(Exception):
+    """The server answered ``refresh`` with an error."""
+
+
 OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("--p95-ms", float, 500.0, "fail when the p95 delivery latency of WS events exceeds this (ms)"),
     (
@@ -88,6 +97,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("--run-timeout-s", float, 60.0, "a run not ended after this long is unterminated"),
     ("--think-min-s", float, 1.0, "shortest think time between two messages (s)"),
     ("--think-max-s", float, 4.0, "longest think time between two messages (s)"),
+    ("--token-ttl-s", float, 3600.0, "lifetime of each user's JWT (s); users refresh it"),
     (
         "--events-out",
         str,
@@ -124,6 +134,12 @@ def pick_plan(rng: random.Random, mix: list[tuple[str, float]]) -> tuple[str, di
         return agent, {}
     tools, tokens = rng.randint(0, 3), rng.randint(5, 40)
     return agent, wire.scripted_context(tools, tokens, rng.choice((10, 20, 50)))
+
+
+def refresh_margin(lifetime_s: float) -> float:
+    """How long before ``exp`` a token is replaced, as harness.client does by default: 10 % of
+    its lifetime, 1 s to 60 s, never more than half the lifetime."""
+    return min(max(0.1 * lifetime_s, 1.0), 60.0, max(0.0, lifetime_s / 2))
 
 
 def fire(
@@ -234,6 +250,9 @@ class ChatUser(User):
         self.conn: Connection | None = None
         self.current: RunState | None = None
         self.dropper = self.rng.random() < opts.drop_fraction
+        self.refresh_at = 0.0
+        self.refresh_sent_at: float | None = None
+        self.refresher: gevent.Greenlet[Any, None] | None = None
 
     def wait_time(self) -> float:
         """Think time between two messages."""
@@ -249,6 +268,7 @@ class ChatUser(User):
         if self.current is not None and self.current.run_id is not None:
             TALLY.counts["runs_abandoned"] += 1
         self.current = None
+        self._stop_refreshing()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -314,8 +334,7 @@ class ChatUser(User):
 
     def _connect(self) -> None:
         """Open a socket for this user (token as query parameter), reported as ``CONN``."""
-        secret = os.environ.get("REGISTRY_AUTH_SECRET", "")
-        url = wire.url_with_token(str(self.host), wire.mint_token(secret, self.user_id))
+        url = wire.url_with_token(str(self.host), self._mint())
         began = time.perf_counter()
         try:
             self.conn = Connection(url, self._on_frame, self._on_close)
@@ -324,6 +343,30 @@ class ChatUser(User):
             self.conn = None
             raise
         fire(self.environment, "CONN", "connect", (time.perf_counter() - began) * 1000)
+        self._stop_refreshing()
+        self.refresher = gevent.spawn(self._keep_token_fresh, self.conn)
+
+    def _mint(self) -> str:
+        """A new token for this user (``--token-ttl-s``); notes when to replace it."""
+        ttl = options(self.environment).token_ttl_s
+        token = wire.mint_token(os.environ.get("REGISTRY_AUTH_SECRET", ""), self.user_id, ttl)
+        exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+        self.refresh_at = exp - refresh_margin(exp - time.time())
+        return token
+
+    def _keep_token_fresh(self, conn: Connection) -> None:
+        """Greenlet of one socket: send ``refresh`` with a new token before the token expires
+        (the server closes the socket at ``exp`` with 4001 otherwise)."""
+        while conn.alive:
+            gevent.sleep(max(0.0, self.refresh_at - time.time()))
+            if conn.alive:
+                self.refresh_sent_at = time.time()
+                self._send({"type": "refresh", "token": self._mint()})
+
+    def _stop_refreshing(self) -> None:
+        if self.refresher is not None:
+            self.refresher.kill(block=False)
+            self.refresher = None
 
     def _send(self, frame: dict[str, Any]) -> None:
         """Send a frame; a dead socket is noticed by the reader."""
@@ -346,6 +389,8 @@ class ChatUser(User):
             fire(self.environment, "WS", frame["type"], latency_ms, size)
             SAMPLES.record(frame["type"], received_at, latency_ms)
         self._report(self.checker.on_frame(frame))
+        if frame.get("type") == "refreshed" or frame.get("field") == "token":
+            self._refreshed(frame)
         run = self.current
         return True if run is None else self._track(run, frame)
 
@@ -364,6 +409,13 @@ class ChatUser(User):
         elif wire.is_event(frame) and run.run_id is not None and frame.get("run_id") == run.run_id:
             return self._on_run_event(run)
         return True
+
+    def _refreshed(self, frame: dict[str, Any]) -> None:
+        """Report the answer to a ``refresh`` as a ``TOKEN refresh`` request."""
+        sent, self.refresh_sent_at = self.refresh_sent_at, None
+        ms = 0.0 if sent is None else (time.time() - sent) * 1000
+        refused = RefreshRefused(str(frame.get("message"))) if frame["type"] == "error" else None
+        fire(self.environment, "TOKEN", "refresh", ms, exc=refused)
 
     def _on_run_event(self, run: RunState) -> bool:
         """Count an event of the run in flight: ack, end, or a planned drop."""
