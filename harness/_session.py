@@ -120,7 +120,8 @@ class ChatSession:
         try:
             self.registry.resume(command.run_id, self.user_id, command.after_seq, self.queue)
         except RegistryError as exc:
-            self.ops.count_resume(exc.code)
+            if exc.code in ("not_found", "resume_unavailable"):
+                self.ops.count_resume(exc.code)  # the contract's outcomes; others are errors
             self._dispatch_error(command, exc)
         else:
             self.ops.count_resume("ok")
