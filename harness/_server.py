@@ -326,12 +326,11 @@ class ChatServer:
             s.finished = True
 
     def _peer_closing(self, s: _Socket, closed: Closed) -> None:
-        if closed.by_peer and s.queue.close_code is None:
-            self._close(s, int(closed.code), "")  # our close frame was the reply
-        elif not closed.by_peer:
+        """The peer closed (its code is echoed) or broke a rule (1002, 1007, 1009)."""
+        if not closed.by_peer:
             log.info("closing %d user_id=%s %s: %s", closed.code, s.queue.user_id, s.label,
                      closed.reason)
-            self._close(s, int(closed.code), closed.reason)
+        self._close(s, int(closed.code), closed.reason)
 
     def _close(self, s: _Socket, code: int, reason: str) -> None:
         """Asks for ``s`` to be closed; the writer sends what is owed, then the close frame."""

@@ -76,7 +76,7 @@ class ServerWebSocket:
         max_message_bytes: The largest client message, in UTF-8 bytes once reassembled.
     """
 
-    __slots__ = ("_binary", "_parts", "_size", "_ws", "max_message_bytes", "pongs")
+    __slots__ = ("_binary", "_ended", "_parts", "_size", "_ws", "max_message_bytes", "pongs")
 
     def __init__(self, max_message_bytes: int) -> None:
         self._ws = Connection(ConnectionType.SERVER)
@@ -84,22 +84,31 @@ class ServerWebSocket:
         self._parts: list[str] = []
         self._size = 0
         self._binary = False
+        self._ended = False  # a Closed was returned: nothing more is read
         #: Pong payloads received (the keepalive's answer).
         self.pongs = 0
 
     @property
     def open(self) -> bool:
-        """Whether messages may still be sent (no close frame sent or received)."""
-        return self._ws.state is ConnectionState.OPEN
+        """Whether messages may still be sent: no close frame sent yet.
+
+        After the peer's close frame the answers to what it sent before are still sent,
+        then the close reply (RFC 6455 lets an endpoint finish sending first).
+        """
+        return self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
 
     def receive(self, data: bytes) -> tuple[list[Inbound], bytes]:
         """Feeds bytes from the client.
 
+        Nothing is read after a :class:`Closed` (a close frame, or a broken rule after
+        which the rest of the bytes cannot be trusted). The close frame to send is the
+        caller's to write, once it has answered the messages that came before.
+
         Returns:
             What the client sent (whole messages, then at most one :class:`Closed`), and
-            the bytes to write back now (pongs, the answer to a close).
+            the bytes to write back now (pongs).
         """
-        if self._ws.state in (ConnectionState.CLOSED, ConnectionState.REMOTE_CLOSING):
+        if self._ended or self._ws.state is not ConnectionState.OPEN:
             return [], b""
         self._ws.receive_data(data)
         out: list[Inbound] = []
@@ -108,7 +117,7 @@ class ServerWebSocket:
             closed = self._event(event, out, reply)
             if closed is not None:
                 out.append(closed)
-                reply += self.close(closed.code, closed.reason if closed.by_peer else "")
+                self._ended = True
                 break
         return out, bytes(reply)
 
@@ -141,7 +150,11 @@ class ServerWebSocket:
         return None
 
     def close(self, code: int, reason: str = "") -> bytes:
-        """The close frame to send (empty when one was already sent)."""
+        """The close frame to send (empty when one was already sent).
+
+        After the peer's close frame this is the reply; its code is echoed (a code that
+        may not be sent, like 1005, becomes 1000, as wsproto does).
+        """
         if self._ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             return b""
         return self._send(CloseConnection(code=code, reason=reason[:100] or None))

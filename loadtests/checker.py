@@ -6,6 +6,10 @@ Feed it the frames a client receives, one by one, and tell it what the client se
 task in here: the gevent Locust users, the trio benchmark load generator and the hypothesis tests
 all drive the same code.
 
+A test that holds a run's whole event list (plain dicts, the wire form) asks
+:func:`run_violations` for what is wrong with it, or :func:`check_run` to raise
+:class:`GuaranteeViolated` listing it; both also check every envelope and payload field.
+
 Violation kinds (one :class:`Violation` per affected event):
 
 ========================  ===================================================================
@@ -18,10 +22,12 @@ Violation kinds (one :class:`Violation` per affected event):
                           different ``thread_id`` than the run was accepted with
 ``unterminated``          the run ended (``finish``) without ``agent_completed``
 ``unpaired_tool``         ``tool_completed`` without an open ``tool_executing`` of its
-                          ``call_id``, a reused ``call_id``, or a tool still open at
-                          ``agent_completed`` (not reported for a run that also lost events,
-                          where the missing half may be among the lost)
-``malformed``             an event frame without a valid envelope (run_id, seq, ts, payload)
+                          ``call_id`` (or naming another tool than it), a reused ``call_id``, or
+                          a tool still open at ``agent_completed`` (not reported for a run that
+                          also lost events, where the missing half may be among the lost)
+``malformed``             an event frame without a valid envelope (run_id, seq, ts, payload);
+                          for :func:`run_violations` also a thread_id that is not a string, a
+                          ts that is not a float, or a payload without the fields of its type
 ========================  ===================================================================
 
 Ordering rules (agent_started first, tool pairing, terminal last) are applied in seq order, once
@@ -31,7 +37,7 @@ the events before are there, so one missing or late event is reported once, not 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, final
 
 import attrs
@@ -40,6 +46,23 @@ from loadtests.wire import EVENT_TYPES
 
 MAX_GAP: Final = 1_000_000
 """A seq jumping further ahead than this is treated as malformed rather than a huge gap."""
+
+PAYLOAD_FIELDS: Final[Mapping[str, Mapping[str, type]]] = {
+    "agent_started": {"agent": str},
+    "agent_thinking": {"thought": str},
+    "tool_executing": {"tool": str, "call_id": str, "args": dict},
+    "tool_completed": {"tool": str, "call_id": str, "status": str},
+    "partial_result": {"text": str},
+    "agent_completed": {"status": str},
+}
+"""The fields each run event's payload must carry, and their JSON types (PROTOCOL.md, 4)."""
+
+STATUSES: Final[Mapping[str, tuple[frozenset[str], str]]] = {
+    "tool_completed": (frozenset({"ok", "error", "cancelled"}), "ok"),
+    "agent_completed": (frozenset({"succeeded", "failed", "cancelled", "timed_out"}), "succeeded"),
+}
+"""For the completions: the statuses allowed, and the one that carries ``result`` (the others
+carry ``error``)."""
 
 
 class Kind(enum.StrEnum):
@@ -103,7 +126,7 @@ class RunChecker:
     _arrived: dict[int, str] = attrs.field(factory=dict)
     _buffer: dict[int, Mapping[str, Any]] = attrs.field(factory=dict)
     _next_rule: int = 1
-    _open_tools: dict[str, int] = attrs.field(factory=dict)
+    _open_tools: dict[str, tuple[int, object]] = attrs.field(factory=dict)
     _seen_calls: set[str] = attrs.field(factory=set)
     _completed_at: int | None = None
     _violations: list[Violation] = attrs.field(factory=list)
@@ -215,10 +238,11 @@ class RunChecker:
         """Apply the order, script and tool-pairing rules to one event, in seq order."""
         etype = str(frame["type"])
         self._check_order(seq, etype)
+        payload = frame["payload"]
         if etype == "tool_executing":
-            self._open_tool(seq, frame["payload"].get("call_id"))
+            self._open_tool(seq, payload.get("call_id"), payload.get("tool"))
         elif etype == "tool_completed":
-            self._close_tool(seq, frame["payload"].get("call_id"))
+            self._close_tool(seq, payload.get("call_id"), payload.get("tool"))
         elif etype == "agent_completed" and self._completed_at is None:
             self._complete(seq)
 
@@ -233,25 +257,29 @@ class RunChecker:
         elif self.script is not None and seq > len(self.script):
             self._add(Kind.REORDERED, seq, f"{etype} beyond the script's {len(self.script)}")
 
-    def _open_tool(self, seq: int, call_id: object) -> None:
+    def _open_tool(self, seq: int, call_id: object, tool: object) -> None:
         """Record a ``tool_executing``."""
         key = str(call_id)
         if key in self._seen_calls:
             self._add(Kind.UNPAIRED_TOOL, seq, f"call_id {key} reused")
             return
         self._seen_calls.add(key)
-        self._open_tools[key] = seq
+        self._open_tools[key] = (seq, tool)
 
-    def _close_tool(self, seq: int, call_id: object) -> None:
+    def _close_tool(self, seq: int, call_id: object, tool: object) -> None:
         """Record a ``tool_completed``."""
         key = str(call_id)
-        if self._open_tools.pop(key, None) is None and not self._lossy:
-            self._add(Kind.UNPAIRED_TOOL, seq, f"tool_completed for call_id {key} not open")
+        opened = self._open_tools.pop(key, None)
+        if opened is None:
+            if not self._lossy:
+                self._add(Kind.UNPAIRED_TOOL, seq, f"tool_completed for call_id {key} not open")
+        elif opened[1] != tool:
+            self._add(Kind.UNPAIRED_TOOL, seq, f"call_id {key} of {opened[1]!r} closed as {tool!r}")
 
     def _complete(self, seq: int) -> None:
         """Record the terminal event; any tool still open is unpaired."""
         self._completed_at = seq
-        for key, opened in self._open_tools.items() if not self._lossy else ():
+        for key, (opened, _) in self._open_tools.items() if not self._lossy else ():
             self._add(Kind.UNPAIRED_TOOL, opened, f"call_id {key} open at agent_completed")
         self._open_tools.clear()
 
@@ -377,3 +405,97 @@ class ClientChecker:
         found = Violation(Kind.FOREIGN, str(frame.get("run_id")), at, "not started nor resumed")
         self._violations.append(found)
         return [found]
+
+
+# ====================================================================== whole runs
+class GuaranteeViolated(AssertionError):
+    """A run's events break PROTOCOL.md's guarantees; the message lists every violation.
+
+    An ``AssertionError``, so a test that calls :func:`check_run` fails with the list.
+
+    Attributes:
+        violations: What was found, in the order the events were checked.
+    """
+
+    def __init__(self, violations: Iterable[Violation]) -> None:
+        self.violations = tuple(violations)
+        lines = [f"{v.kind} (seq {v.seq}): {v.detail}" for v in self.violations]
+        super().__init__(f"{len(lines)} guarantee violation(s):\n" + "\n".join(lines))
+
+
+def payload_problem(etype: str, payload: Mapping[str, Any]) -> str | None:
+    """Why ``payload`` is not what PROTOCOL.md gives a ``etype`` event (None when it is)."""
+    for name, kind in PAYLOAD_FIELDS[etype].items():
+        if not isinstance(payload.get(name), kind):
+            return f"{etype} payload needs {name!r} of type {kind.__name__}"
+    if etype not in STATUSES:
+        return None
+    allowed, ok = STATUSES[etype]
+    status = payload["status"]
+    if status not in allowed:
+        return f"{etype} status {status!r} is not one of {sorted(allowed)}"
+    needed = "result" if status == ok else "error"
+    return None if needed in payload else f"{etype} with status {status!r} needs {needed!r}"
+
+
+def _field_problem(frame: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a frame whose envelope :class:`RunChecker` accepted."""
+    if not isinstance(frame.get("thread_id"), str):
+        return f"thread_id {frame.get('thread_id')!r} is not a string"
+    if not isinstance(frame["ts"], float):
+        return f"ts {frame['ts']!r} is not a float"
+    return payload_problem(str(frame["type"]), frame["payload"])
+
+
+def run_violations(
+    events: Sequence[Mapping[str, Any]], *, run_id: str | None = None,
+    thread_id: str | None = None, script: tuple[str, ...] | None = None,
+) -> list[Violation]:
+    """Every broken guarantee in the whole event list of one run, as one client received it.
+
+    The list is what a client got from the run's start (or a replay from seq 0) with no
+    ``resume`` in between. On top of :class:`RunChecker`'s rules, every event must be of this
+    run (``foreign`` otherwise) and have a well-typed envelope and payload (``malformed``).
+
+    Args:
+        events: The events' wire form (JSON objects as dicts), in the order received.
+        run_id: The run's id; the first event's when None.
+        thread_id: The run's thread_id; the first event's when None.
+        script: The exact event types in seq order, when known.
+    """
+    first = events[0] if events else {}
+    run_id = run_id if run_id is not None else str(first.get("run_id", ""))
+    if thread_id is None and isinstance(first.get("thread_id"), str):
+        thread_id = first["thread_id"]
+    checker = RunChecker(run_id, thread_id, script)
+    found: list[Violation] = []
+    for frame in events:
+        seq = frame.get("seq")
+        at = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        if isinstance(frame.get("run_id"), str) and frame["run_id"] != run_id:
+            found.append(Violation(Kind.FOREIGN, run_id, at, f"event of run {frame['run_id']!r}"))
+            continue
+        new = checker.feed(frame)
+        found += new
+        problem = None if new and new[0].kind is Kind.MALFORMED else _field_problem(frame)
+        if problem is not None:
+            found.append(Violation(Kind.MALFORMED, run_id, at, problem))
+    return found + checker.finish()
+
+
+def check_run(
+    events: Sequence[Mapping[str, Any]], *, run_id: str | None = None,
+    thread_id: str | None = None, script: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Checks a run's whole event list (see :func:`run_violations`).
+
+    Returns:
+        The ``agent_completed`` payload.
+
+    Raises:
+        GuaranteeViolated: listing every violation.
+    """
+    found = run_violations(events, run_id=run_id, thread_id=thread_id, script=script)
+    if found:
+        raise GuaranteeViolated(found)
+    return dict(events[-1]["payload"])

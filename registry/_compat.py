@@ -64,8 +64,8 @@ class MigrationPlanAPI(abc.ABC):
     def _maybe_detached(self, run: Run) -> None: ...
 
     @abc.abstractmethod
-    def _end(self, run: Run, trigger: Trigger,
-             payload: Mapping[str, Any] | None = None) -> bool: ...
+    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
+             from_inside: bool = False) -> bool: ...
 
     @abc.abstractmethod
     async def _complete(self, run: Run) -> None: ...
@@ -91,16 +91,16 @@ class MigrationPlanAPI(abc.ABC):
             raise RegistryClosed("the registry is shutting down")
 
     async def setup_agent_websocket_integration(
-        self, supervisor: Supervisor, agent_registry: AgentRegistry
+        self, supervisor: Supervisor, registry: AgentRegistry
     ) -> None:
-        """Runs started from now on take their agents from ``agent_registry``.
+        """Runs started from now on take their agents from ``registry`` (an AgentRegistry).
 
         ``supervisor.run(...)`` and ``supervisor.run_agent(...)`` reach this registry through
         ``get_agent_execution_registry()``; neither object is changed.
         """
         await anyio.lowlevel.checkpoint()
         self.supervisor = supervisor
-        self.agents = agent_registry
+        self.agents = registry
 
     async def create_execution_context(
         self, agent_type: str, user_id: str, message: str,
@@ -148,6 +148,7 @@ class MigrationPlanAPI(abc.ABC):
         run, duplicate = self._register(agent_type, user_id, message, context)
         if duplicate:
             raise DuplicateRun(run)
+        run._in_block = True
         for connection in self.manager.connections(user_id):
             self._subscribe(run, connection, 0)
         self._maybe_detached(run)
@@ -161,9 +162,10 @@ class MigrationPlanAPI(abc.ABC):
     @asynccontextmanager
     async def _scope_block(self, run: Run) -> AsyncIterator[None]:
         """Runs the caller's block in the run's scope and decides how the run ends."""
-        assert run._scope is not None
+        scope = run._scope
+        assert scope is not None
         try:
-            with run._scope:
+            with scope:
                 yield
         except Exception as exc:
             self._end(run, Trigger.FAIL, {"status": "failed",
@@ -172,7 +174,7 @@ class MigrationPlanAPI(abc.ABC):
         except BaseException:
             self._end(run, Trigger.CANCEL)
             raise
-        if run._scope.cancelled_caught:
+        if scope.cancelled_caught:
             self._end(run, Trigger.TIMEOUT, {"status": "timed_out", "error": (
                 f"the run exceeded agent_timeout_s ({self.config.agent_timeout_s} s)")})
         self._end(run, Trigger.SUCCEED, {"status": "succeeded", **outcome(True)})

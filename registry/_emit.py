@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 import anyio.lowlevel
 
 from registry._agents import AgentContext, ToolDispatcher
@@ -47,8 +48,11 @@ class EmitAPI(abc.ABC):
     _refused: int
 
     @abc.abstractmethod
-    def _end(self, run: Run, trigger: Trigger,
-             payload: Mapping[str, Any] | None = None) -> bool: ...
+    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
+             from_inside: bool = False) -> bool: ...
+
+    @abc.abstractmethod
+    async def _complete(self, run: Run) -> None: ...
 
     def agent_context(self, run: Run, tools: ToolDispatcher | None = None) -> AgentContext:
         """The handle an agent gets for ``run``: its emit, its tools, its failure texts."""
@@ -108,19 +112,29 @@ class EmitAPI(abc.ABC):
     def _refuse(self, run: Run, exc: Exception) -> bool:
         self._refused += 1
         if self.config.strict:
-            raise EventRefused(f"run {run.run_id}: {exc}") from exc
+            text = str(exc) if run.run_id in str(exc) else f"run {run.run_id}: {exc}"
+            raise EventRefused(text) from exc
         log.warning("event refused run_id=%s user_id=%s: %s", run.run_id, run.user_id, exc)
         return False
 
     async def _deliver(self, run: Run, events: list[Event]) -> bool:
         ok = await self._delivery.deliver(run, events)
-        self._retention.within_budget()
+        if self._retention.over_budget():
+            self._retention.within_budget(run)
+            self._delivery.release(run)
         return ok
 
     async def _complete_with(self, run: Run, payload: Mapping[str, Any]) -> bool:
-        """Ends ``run`` as an ``agent_completed`` payload says, and waits until it has ended."""
+        """Ends ``run`` as an ``agent_completed`` payload says, and waits until it has ended.
+
+        From a run's own agent, the end cancels the agent (its scope) and the wait ends
+        with it; from a caller's block (``open_execution_context``) the block goes on.
+        """
         validate_payload(EventType.AGENT_COMPLETED, payload)
-        decided = self._end(run, _TRIGGERS[payload["status"]], dict(payload))
+        decided = self._end(run, _TRIGGERS[payload["status"]], dict(payload), from_inside=True)
+        if run._in_block:
+            with anyio.move_on_after(self.config.shutdown_grace_s, shield=True):
+                await self._complete(run)
         await run.done.wait()
         return decided
 

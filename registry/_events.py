@@ -20,11 +20,20 @@ def _dumps(obj: Any) -> str:
 
 
 def dump_payload(payload: Mapping[str, Any]) -> str:
-    """A payload as strict JSON: values JSON cannot hold become strings, NaN and infinities null."""
+    """A payload as strict JSON, whatever an agent put in it.
+
+    Values JSON cannot hold become strings, NaN and infinities null; a structure that
+    refers to itself (or nests too deeply to walk) keeps its top-level keys, each value as
+    its text.
+    """
     try:
         return _dumps(payload)
     except ValueError:
+        pass
+    try:
         return _dumps(_finite(payload))
+    except (ValueError, RecursionError):
+        return _dumps({str(k): v if isinstance(v, str) else repr(v) for k, v in payload.items()})
 
 
 def envelope_prefix(run_id: str, thread_id: str) -> str:

@@ -184,17 +184,18 @@ class OutboundQueue:
         frames: list[bytes] = []
         stamps: list[float] = []
         size = 0
-        while self._control and size < max_bytes:
+        while self._control and (size < max_bytes or not frames):
             frame = self._control.popleft()
             self._uncount(len(frame))
             frames.append(frame)
             size += len(frame)
-        while self._ready and size < max_bytes:
+        while self._ready and (size < max_bytes or not frames):
             frame = self._take_event(next(iter(self._ready)), stamps)
             frames.append(frame)
             size += len(frame)
-        while self._closing and size < max_bytes:
+        while self._closing and (size < max_bytes or not frames):
             frame, ts = self._closing.popleft()
+            self._uncount(len(frame))
             frames.append(frame)
             stamps.append(ts)
             size += len(frame)

@@ -213,21 +213,28 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
                 "status": "timed_out",
                 "error": f"agent exceeded agent_timeout_s ({self.config.agent_timeout_s} s)"})
 
-    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None) -> bool:
-        """Decides how a run ends (the first decision wins) and cancels its scope."""
+    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
+             from_inside: bool = False) -> bool:
+        """Decides how a run ends (the first decision wins) and cancels its scope.
+
+        A caller's block that ends its own run (``from_inside``) is not cancelled: the
+        code after ``complete_execution`` in the block still runs.
+        """
         if not run.lifecycle.can(trigger):
             return False
         run.lifecycle.fire(trigger)
         if payload is None:
             payload = {"status": str(run.lifecycle.status), "error": _REASONS[trigger]}
         run.final_payload = payload
-        if run._scope is not None:
+        if run._scope is not None and not (from_inside and run._in_block):
             run._scope.cancel()
         return True
 
     async def _complete(self, run: Run) -> None:
-        """Emits the run's closing events, then unregisters it; always."""
+        """Emits the run's closing events, then unregisters it; always, and once."""
         assert run.final_payload is not None
+        if run.stream.ended:  # a block's run completed from inside the block
+            return
         try:
             events = run.stream.finish(run.final_payload, time.time())
             await self._deliver(run, events)

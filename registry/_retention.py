@@ -37,22 +37,39 @@ class Retention:
         #: Bytes of event frames held by every run of the registry (their streams add).
         self.held = HeldBytes()
         self.limit = int(config.max_retained_mib * 1024 * 1024)
-        self.expiry = DeadlineQueue(config.retention_s, self.drop)
+        #: Holds run ids, not runs: a run dropped early by a bound is freed at once.
+        self.expiry = DeadlineQueue(config.retention_s, self._expired)
 
     def keep(self, run: Run, ended_at: float) -> None:
         """A run has ended: it is retained (its user's oldest beyond the bound are dropped)."""
         for extra in self.table.complete(run):
             self.drop(extra)
-        self.expiry.push(run, ended_at)
+        self.expiry.push(run.run_id, ended_at)
         self.within_budget()
 
-    def within_budget(self) -> None:
-        """Past ``max_retained_mib``: drops ended runs, oldest first."""
+    def over_budget(self) -> bool:
+        return self.held.bytes > self.limit
+
+    def within_budget(self, emitting: Run | None = None) -> None:
+        """Past ``max_retained_mib``: drops ended runs, oldest first.
+
+        When no ended run is left to drop, the run that is ``emitting`` gives up its
+        oldest retained events (resume from before them is then ``resume_unavailable``);
+        frames that a socket is still reading stay until it has read them.
+        """
         while self.held.bytes > self.limit:
             oldest = self.table.oldest_ended()
             if oldest is None:
-                return
+                break
             self.drop(oldest)
+        if emitting is not None and self.held.bytes > self.limit:
+            stream = emitting.stream
+            stream.trim_through(stream.last_seq - stream.retained_count // 2)
+
+    def _expired(self, run_id: str) -> None:
+        run = self.table.lookup(run_id)
+        if run is not None and not run.is_active:
+            self.drop(run)
 
     def drop(self, run: Run) -> None:
         """Forgets an ended run (idempotent: its timer may come after a bound dropped it)."""

@@ -61,6 +61,8 @@ class Run:
     #: The run's cancel scope and delivery lock while it is active (None once ended).
     _scope: anyio.CancelScope | None = attrs.field(default=None, alias="scope")
     _lock: anyio.Lock | None = attrs.field(factory=anyio.Lock, alias="lock")
+    #: True when the run's scope is a caller's block (``open_execution_context``).
+    _in_block: bool = attrs.field(default=False, alias="in_block")
     _detach_generation: int = attrs.field(default=0, alias="detach_generation")
     _emits_since_yield: int = attrs.field(default=0, alias="emits_since_yield")
 

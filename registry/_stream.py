@@ -208,8 +208,8 @@ class RunStream:
         return out
 
     def _append(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> Event:
-        self.last_seq += 1
-        frame = encode_event(self._prefix, event_type, self.last_seq, ts, payload)
+        frame = encode_event(self._prefix, event_type, self.last_seq + 1, ts, payload)
+        self.last_seq += 1  # only once the frame exists: a failed encoding leaves no gap
         self._frames.append(frame)
         self._ts.append(ts)
         self.held_bytes += len(frame)
@@ -250,6 +250,7 @@ class RunStream:
             return
         stop = self._head + (seq - self._base)
         freed = sum(map(len, self._frames[self._head:stop]))
+        self._frames[self._head:stop] = [b""] * (stop - self._head)  # freed now, not at compaction
         self.held_bytes -= freed
         self._total.bytes -= freed
         self._head = stop

@@ -50,10 +50,8 @@ class DeadlineQueue(Generic[T]):
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
-            deadline, item = self._items[0]
-            await anyio.sleep_until(deadline)
-            self._items.popleft()
-            self.on_due(item)
+            await anyio.sleep_until(self._items[0][0])
+            self.on_due(self._items.popleft()[1])  # no reference kept while sleeping
 
 
 @final
@@ -91,5 +89,4 @@ class TimerHeap(Generic[T]):
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
                 continue
-            _, _, item = heapq.heappop(self._heap)
-            self.on_due(item)
+            self.on_due(heapq.heappop(self._heap)[2])

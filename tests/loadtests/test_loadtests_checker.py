@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadtests.checker import ClientChecker, Kind, RunChecker
+from loadtests.checker import (
+    ClientChecker,
+    GuaranteeViolated,
+    Kind,
+    RunChecker,
+    check_run,
+    payload_problem,
+    run_violations,
+)
 from loadtests.wire import scripted_context, scripted_types
 
 Frame = dict[str, Any]
@@ -44,8 +53,10 @@ def segments(draw: st.DrawFn, call_base: int) -> list[tuple[str, dict[str, Any]]
             out.append(("tool_executing", {**call, "args": {}}))
             out.extend(("partial_result", {"text": "x"}) for _ in range(draw(st.integers(0, 2))))
             out.append(("tool_completed", {**call, "status": "ok", "result": 1}))
+        elif choice == "think":
+            out.append(("agent_thinking", {"thought": "hmm"}))
         else:
-            out.append(("agent_thinking" if choice == "think" else "partial_result", {}))
+            out.append(("partial_result", {"text": "x"}))
     return out
 
 
@@ -324,3 +335,111 @@ def test_contiguous_seq_stops_at_a_gap() -> None:
     for seq in (1, 2, 4):
         checker.feed(envelope("agent_started" if seq == 1 else "agent_thinking", seq, {}))
     assert (checker.contiguous_seq, checker.last_seq) == (2, 4)
+
+
+# ====================================================================== whole runs
+def kinds(violations: Sequence[Any]) -> list[Kind]:
+    return [violation.kind for violation in violations]
+
+
+@given(valid_runs())
+def test_a_valid_run_passes_the_whole_run_check(frames: list[Frame]) -> None:
+    assert run_violations(frames) == []
+    assert check_run(frames, run_id=RUN, thread_id=THREAD) == frames[-1]["payload"]
+
+
+@given(valid_runs(), st.data())
+def test_every_single_loss_duplicate_or_swap_fails_the_whole_run_check(
+    frames: list[Frame], data: st.DataObject
+) -> None:
+    index = data.draw(st.integers(0, len(frames) - 1))
+    mutation = data.draw(st.sampled_from(["drop", "repeat", "swap"]))
+    if mutation == "drop":
+        mutated = frames[:index] + frames[index + 1 :]
+    elif mutation == "repeat":
+        mutated = [*frames[: index + 1], frames[index], *frames[index + 1 :]]
+    else:
+        other = index + 1 if index + 1 < len(frames) else index - 1
+        mutated = list(frames)
+        mutated[index], mutated[other] = mutated[other], mutated[index]
+    with pytest.raises(GuaranteeViolated) as info:
+        check_run(mutated)
+    assert info.value.violations
+    assert all(f"{v.kind} (seq {v.seq})" in str(info.value) for v in info.value.violations)
+
+
+def test_no_events_at_all_is_unterminated() -> None:
+    assert kinds(run_violations([])) == [Kind.UNTERMINATED]
+
+
+def run_of(*middle: Frame) -> list[Frame]:
+    """A run with ``middle`` between agent_started and agent_completed, numbered 1..n."""
+    return renumber([envelope("agent_started", 0, {"agent": "a"}), *middle,
+                     envelope("agent_completed", 0, {"status": "succeeded", "result": 1})])
+
+
+def test_an_event_of_another_run_or_thread_is_foreign() -> None:
+    stranger = envelope("agent_thinking", 2, {"thought": "x"}, run_id="run-b")
+    frames = [*run_of()[:1], stranger, *run_of()[1:]]
+    assert kinds(run_violations(frames)) == [Kind.FOREIGN]
+    elsewhere = {**run_of()[1], "thread_id": "thread-b"}
+    assert kinds(run_violations([run_of()[0], elsewhere])) == [Kind.FOREIGN, Kind.UNTERMINATED]
+    assert kinds(run_violations(run_of(), run_id="run-b")) == [Kind.FOREIGN, Kind.FOREIGN,
+                                                               Kind.UNTERMINATED]
+
+
+@pytest.mark.parametrize(("etype", "payload", "says"), [
+    ("agent_thinking", {}, "'thought'"),
+    ("agent_thinking", {"thought": 1}, "'thought' of type str"),
+    ("tool_executing", {"tool": "t", "call_id": "c"}, "'args'"),
+    ("partial_result", {"txt": "x"}, "'text'"),
+])
+def test_a_payload_without_the_fields_of_its_type_is_malformed(
+    etype: str, payload: Frame, says: str
+) -> None:
+    found = run_violations(run_of(envelope(etype, 0, payload)))
+    (malformed,) = [v for v in found if v.kind is Kind.MALFORMED]
+    assert malformed.seq == 2 and says in malformed.detail
+
+
+@pytest.mark.parametrize(("payload", "says"), [
+    ({"status": "done", "result": 1}, "'done'"),
+    ({"status": "succeeded"}, "needs 'result'"),
+    ({"status": "cancelled", "result": 1}, "needs 'error'"),
+])
+def test_a_completion_with_a_bad_status_or_outcome_is_malformed(
+    payload: Frame, says: str
+) -> None:
+    frames = run_of()
+    frames[-1] = {**frames[-1], "payload": payload}
+    (found,) = run_violations(frames)
+    assert found.kind is Kind.MALFORMED and says in found.detail
+    assert payload_problem("agent_completed", payload) == found.detail
+
+
+@pytest.mark.parametrize(("field", "value"), [("ts", 1_700_000_000), ("thread_id", None)])
+def test_an_envelope_field_of_the_wrong_type_is_malformed(field: str, value: Any) -> None:
+    frames = run_of()
+    frames[0] = {**frames[0], field: value}
+    assert Kind.MALFORMED in kinds(run_violations(frames, thread_id=THREAD))
+
+
+def test_a_tool_closed_under_another_name_is_unpaired() -> None:
+    frames = run_of(
+        envelope("tool_executing", 0, {"tool": "search", "call_id": "c1", "args": {}}),
+        envelope("tool_completed", 0, {"tool": "fetch", "call_id": "c1", "status": "ok",
+                                       "result": 1}),
+    )
+    (found,) = run_violations(frames)
+    assert (found.kind, found.seq) == (Kind.UNPAIRED_TOOL, 3)
+    assert "'search'" in found.detail and "'fetch'" in found.detail
+
+
+def test_check_run_is_an_assertion_listing_every_violation() -> None:
+    frames = run_of(envelope("agent_thinking", 0, {"thought": 1}))
+    del frames[0]
+    with pytest.raises(AssertionError) as info:
+        check_run(frames)
+    assert isinstance(info.value, GuaranteeViolated)
+    assert kinds(info.value.violations) == [Kind.MALFORMED, Kind.LOST]
+    assert str(info.value).startswith("2 guarantee violation(s):")

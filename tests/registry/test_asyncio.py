@@ -7,20 +7,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import pytest
 
-from registry import Config, EventType, MemorySubscriber, open_registry
+from registry import EventType, MemorySubscriber, open_registry
 from tests.registry._support import (
     USER,
     chatty,
     check_run_events,
+    config,
     hang,
     in_tool,
     make_agents,
     types_of,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_watchdog")
 
 S, TE, TC, C = (EventType.AGENT_STARTED, EventType.TOOL_EXECUTING, EventType.TOOL_COMPLETED,
                 EventType.AGENT_COMPLETED)
@@ -38,7 +36,7 @@ def run_asyncio(main: Callable[[], Awaitable[None]]) -> None:
 
 def registry(**settings: Any) -> Any:
     agents = make_agents(chatty=chatty, hang=hang, in_tool=in_tool)
-    return open_registry(Config(**settings), agents=agents)
+    return open_registry(config(**settings), agents=agents)
 
 
 def test_a_run_completes_under_asyncio() -> None:
@@ -59,16 +57,21 @@ def test_concurrent_creates_are_deduplicated_under_asyncio() -> None:
     async def main() -> None:
         async with registry() as reg:
             answers: list[Any] = []
+            entered, entered_before_any_answer = 0, []
 
             async def create() -> None:
-                await anyio.lowlevel.checkpoint()
+                nonlocal entered
+                entered += 1
                 answers.append(await reg.create_execution_context(
                     "triage", USER, "m", {"request_id": "same"}))
+                entered_before_any_answer.append(entered)
 
             async with anyio.create_task_group() as tg:
                 for _ in range(100):
                     tg.start_soon(create)
+            assert entered_before_any_answer[0] == 100  # the calls overlapped
             assert len({id(ctx) for ctx, _ in answers}) == 1
+            assert sorted(n.duplicate for _, n in answers) == [False] + [True] * 99
             assert reg.statistics().dedup_hits == 99
 
     run_asyncio(main)

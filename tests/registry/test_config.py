@@ -162,8 +162,23 @@ def test_an_unknown_override_is_refused_naming_it() -> None:
     assert info.value.setting == "max_runz"
 
 
-def test_a_config_error_is_a_value_error() -> None:
-    assert issubclass(ConfigError, ValueError)
+@pytest.mark.parametrize(("build", "names"), [
+    (lambda: Config.from_env({"REGISTRY_AGENT_TIMEOUT_S": "soon"}), "REGISTRY_AGENT_TIMEOUT_S"),
+    (lambda: Config.from_env({}, {"max_active_runs": "many"}), "--max-active-runs"),
+    (lambda: Config.from_env({"REGISTRY_RETENTION": "3"}), "REGISTRY_RETENTION"),
+    (lambda: Config(agent_timeout_s=0), "agent_timeout_s"),
+])
+def test_start_up_code_catching_value_error_catches_a_bad_setting(
+    build: Any, names: str,
+) -> None:
+    """A service that guards start-up with ``except ValueError`` reports a bad setting too."""
+    try:
+        build()
+    except ValueError as exc:
+        caught = str(exc)
+    else:
+        raise AssertionError("the bad setting was accepted")
+    assert caught.startswith(names)
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "3"])

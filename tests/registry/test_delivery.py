@@ -14,7 +14,6 @@ from registry import (
     AgentContext,
     AgentExecutionContext,
     AgentExecutionRegistry,
-    Config,
     DeliveryError,
     Event,
     InvalidField,
@@ -28,11 +27,10 @@ from tests.registry._support import (
     USER,
     chatty,
     check_run_events,
+    config,
     hang,
     make_agents,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_watchdog")
 
 
 class LaggingSubscriber:
@@ -113,7 +111,8 @@ async def finished_chatty_run(reg: AgentExecutionRegistry) -> tuple[Any, MemoryS
 
 
 def registry(**settings: Any) -> Any:
-    return open_registry(Config(**settings), agents=make_agents(chatty=chatty, hang=hang))
+    """``open_registry`` with the test agents and a strict config with ``settings``."""
+    return open_registry(config(**settings), agents=make_agents(chatty=chatty, hang=hang))
 
 
 # ======================================================================== resume
@@ -136,7 +135,7 @@ async def test_resume_mid_run_gets_the_replay_then_live_events_once() -> None:
             await ctx.partial(word)
         return "xy"
 
-    async with open_registry(agents=make_agents(gated=gated)) as reg:
+    async with open_registry(config(), agents=make_agents(gated=gated)) as reg:
         starter, late = MemorySubscriber(USER), MemorySubscriber(USER)
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="gated", message="m",
                                subscriber=starter)
@@ -316,7 +315,8 @@ BAD_EVENTS: list[tuple[str, Any]] = [
 async def test_a_bad_event_is_false_and_never_raises_nor_breaks_the_run(
     event_type: str, payload: Any,
 ) -> None:
-    async with registry() as reg:
+    """Not strict: a refused event is False (test_strict.py: it raises with ``strict``)."""
+    async with registry(strict=False) as reg:
         sub = MemorySubscriber(USER)
         ctx = await seed_run(reg, sub)
         assert await reg.ensure_event_delivery(ctx, "agent_started", {"agent": "triage"})
@@ -330,7 +330,8 @@ async def test_a_bad_event_is_false_and_never_raises_nor_breaks_the_run(
 
 
 async def test_an_event_after_the_run_ended_is_false() -> None:
-    async with registry() as reg:
+    """Not strict: a refused event is False."""
+    async with registry(strict=False) as reg:
         sub = MemorySubscriber(USER)
         ctx = await seed_run(reg, sub)
         await reg.complete_execution(ctx, "done")
@@ -342,7 +343,8 @@ async def test_an_event_after_the_run_ended_is_false() -> None:
 
 
 async def test_a_refused_first_event_leaves_no_gap_for_subscribers() -> None:
-    async with registry() as reg:
+    """Not strict: a refused event is False."""
+    async with registry(strict=False) as reg:
         sub = MemorySubscriber(USER)
         ctx = await seed_run(reg, sub)
         payload = {"tool": "search", "call_id": "nope", "status": "ok", "result": 1}
@@ -355,7 +357,8 @@ async def test_a_refused_first_event_leaves_no_gap_for_subscribers() -> None:
 async def test_a_run_cancelled_while_a_delivery_is_retried_leaves_no_gap(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """The event being retried is recorded: the subscriber must get it or be detached."""
+    """The event being retried is recorded: the subscriber that never got it is unsubscribed
+    (it gets nothing after the gap) and a resume from 0 gives it the whole run."""
     async with registry(delivery_retries=3, retry_delay_s=1) as reg:
         sub = MemorySubscriber(USER, fail_times=1)
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="hang", message="m",
@@ -364,17 +367,19 @@ async def test_a_run_cancelled_while_a_delivery_is_retried_leaves_no_gap(
         assert sub.attempts == 1
         reg.cancel(run.run_id, USER)
         await run.wait_done()
-        seqs = sub.seqs(run.run_id)
-        assert seqs == list(range(1, len(seqs) + 1)) or run.run_id in sub.detached, seqs
+        assert (sub.seqs(run.run_id), sub.detached) == ([], [run.run_id])
+        reg.resume(run.run_id, USER, 0, sub)
+        assert check_run_events(sub.received[run.run_id])["status"] == "cancelled"
+        assert sub.seqs(run.run_id) == [1, 2]
 
 
 async def test_an_agent_completing_itself_ends_with_its_own_payload() -> None:
     async def finisher(ctx: AgentContext) -> Any:
         payload: Mapping[str, Any] = {"status": "failed", "error": "gave up"}
-        await ctx.emit("agent_completed", payload)  # type: ignore[arg-type]
+        await ctx.emit("agent_completed", payload)
         raise AssertionError("not reached: the run's scope is cancelled")
 
-    async with open_registry(agents=make_agents(finisher=finisher)) as reg:
+    async with open_registry(config(), agents=make_agents(finisher=finisher)) as reg:
         sub = MemorySubscriber(USER)
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="finisher", message="m",
                                subscriber=sub)
@@ -409,7 +414,7 @@ async def test_events_emitted_from_parallel_tasks_reach_every_socket_in_seq_orde
             nursery.start_soon(ctx.think, "two")
         return "both"
 
-    async with open_registry(Config(retry_delay_s=1), agents=make_agents(p=parallel)) as reg:
+    async with open_registry(config(retry_delay_s=1), agents=make_agents(p=parallel)) as reg:
         flaky, steady = FlakySubscriber(USER, {2}), MemorySubscriber(USER)
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="p", message="m",
                                subscriber=flaky)
@@ -422,7 +427,11 @@ async def test_events_emitted_from_parallel_tasks_reach_every_socket_in_seq_orde
 async def test_a_caller_cancelled_mid_delivery_leaves_no_subscriber_with_a_gap(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Seed API: the first event (agent_started synthesised + thinking) is cut off by a timeout."""
+    """Seed API: the first event (agent_started synthesised + thinking) is cut off by a timeout.
+
+    Neither connection got seq 1, so both are unsubscribed rather than shown a gap; each gets
+    the whole run by resuming from 0.
+    """
     async with registry(retry_delay_s=1) as reg:
         flaky, steady = MemorySubscriber(USER, fail_times=1), MemorySubscriber(USER)
         reg.connect(flaky)
@@ -433,10 +442,9 @@ async def test_a_caller_cancelled_mid_delivery_leaves_no_subscriber_with_a_gap(
         assert await notifier.send_partial_result("more")
         await reg.complete_execution(ctx, "done")
         for sub in (flaky, steady):
-            seqs = sub.seqs(ctx.run_id)
-            assert seqs == list(range(1, len(seqs) + 1)), seqs
-            assert seqs[-1:] == [4] or ctx.run_id in sub.detached
-            reg.resume(ctx.run_id, USER, len(seqs), sub)
+            assert (sub.seqs(ctx.run_id), sub.detached) == ([], [ctx.run_id])
+            reg.resume(ctx.run_id, USER, 0, sub)
+            assert sub.seqs(ctx.run_id) == [1, 2, 3, 4]
             check_run_events(sub.received[ctx.run_id])
 
 
@@ -479,7 +487,7 @@ async def test_a_run_cancelled_while_parallel_emits_wait_their_turn_leaves_no_ga
             nursery.start_soon(ctx.think, "two")
         await trio.sleep_forever()
 
-    async with open_registry(Config(retry_delay_s=1), agents=make_agents(p=parallel)) as reg:
+    async with open_registry(config(retry_delay_s=1), agents=make_agents(p=parallel)) as reg:
         flaky, steady = FlakySubscriber(USER, {2}), MemorySubscriber(USER)
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="p", message="m",
                                subscriber=flaky)
@@ -493,3 +501,12 @@ async def test_a_run_cancelled_while_parallel_emits_wait_their_turn_leaves_no_ga
         reg.resume(run.run_id, USER, 0, late)
         assert check_run_events(late.received[run.run_id])["status"] == "cancelled"
         assert late.seqs(run.run_id) == [1, 2, 3, 4]
+
+
+async def test_in_direct_mode_events_go_out_live_and_nothing_is_kept_for_a_resume() -> None:
+    async with registry(delivery_mode="direct") as reg:
+        run, starter = await finished_chatty_run(reg)
+        check_run_events(starter.received[run.run_id])
+        assert run.stream.retained_count == 0
+        with pytest.raises(ResumeUnavailable, match="direct"):
+            reg.resume(run.run_id, USER, 0, MemorySubscriber(USER))

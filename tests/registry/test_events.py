@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry import Event, EventType, PayloadError, validate_payload
+from registry import (
+    AgentCompleted,
+    AgentThinking,
+    Event,
+    EventType,
+    PayloadError,
+    payload_from_dict,
+    payload_to_dict,
+    validate_payload,
+)
 
 VALID: dict[EventType, dict[str, Any]] = {
     EventType.AGENT_STARTED: {"agent": "triage"},
@@ -94,8 +103,24 @@ def test_an_unknown_status_is_refused(event_type: EventType, status: str) -> Non
         validate_payload(event_type, payload)
 
 
-def test_payload_error_is_a_value_error() -> None:
-    assert issubclass(PayloadError, ValueError)
+@pytest.mark.parametrize(("check", "names"), [
+    (lambda: validate_payload(EventType.AGENT_THINKING, {"thought": 1}), "thought"),
+    (lambda: payload_from_dict("tool_executing", {"tool": "t", "args": {}}), "call_id"),
+    (lambda: AgentThinking(1), "thought"),  # type: ignore[arg-type]
+    (lambda: AgentCompleted("finished"), "status"),
+    (lambda: payload_to_dict(["not", "a", "payload"]), "JSON object"),  # type: ignore[arg-type]
+    (lambda: Event.from_json('{"type":"partial_result","run_id":"r","thread_id":"t","seq":1,'
+                             '"ts":1.0,"payload":{"txt":"x"}}'), "text"),
+])
+def test_code_catching_value_error_catches_a_bad_payload(check: Any, names: str) -> None:
+    """A transport that wraps decoding in ``except ValueError`` catches bad payloads too."""
+    try:
+        check()
+    except ValueError as exc:
+        caught = str(exc)
+    else:
+        raise AssertionError("the bad payload was accepted")
+    assert names in caught
 
 
 @pytest.mark.parametrize("event_type", list(EventType))

@@ -40,7 +40,12 @@ def new_run(index: int, max_retained: int = 1000) -> RunStream:
 
 
 def emit_text(stream: RunStream, text: str = "x", ts: float = 1.0) -> None:
-    stream.emit(EventType.PARTIAL_RESULT, {"text": text}, ts)
+    """Appends exactly one event: ``agent_started`` first, then ``partial_result``."""
+    if stream.started:
+        stream.emit(EventType.PARTIAL_RESULT, {"text": text}, ts)
+    else:
+        stream.emit(EventType.AGENT_STARTED, {"agent": text}, ts)
+    assert stream.frame(stream.last_seq)  # held
 
 
 def control(n: int, pad: int = 0) -> bytes:
@@ -114,15 +119,14 @@ class QueueModel:
     max_bytes: int
     cues: list[int]
     control: deque[bytes] = field(default_factory=deque)
-    copies: dict[int, Copy] = field(default_factory=dict)  # run index -> copy
+    copies: dict[int, Copy] = field(default_factory=dict)  # run index -> copy followed
+    owed: dict[int, Copy] = field(default_factory=dict)  # after a close other than 4008
     closed: int | None = None
+    held: tuple[int, int] = (0, 0)  # queued, queued_bytes when last looked at
 
     def busy(self) -> bool:
-        return bool(self.control) or any(c.next <= c.announced for c in self.copies.values())
-
-    def overflowed(self) -> None:
-        self.control.clear()
-        self.copies.clear()
+        copies = [*self.copies.values(), *self.owed.values()]
+        return bool(self.control) or any(c.next <= c.announced for c in copies)
 
 
 class OutboundMachine(RuleBasedStateMachine):
@@ -153,9 +157,6 @@ class OutboundMachine(RuleBasedStateMachine):
             self.queues.append(QueueModel(queue, max_messages, max_bytes, cues))
 
     # ------------------------------------------------------------- model helpers
-    def _run(self, index: int) -> RunModel:
-        return self.runs[index % len(self.runs)]
-
     def _queue(self, index: int) -> QueueModel:
         return self.queues[index % len(self.queues)]
 
@@ -174,14 +175,10 @@ class OutboundMachine(RuleBasedStateMachine):
 
     def _overflow(self, q: QueueModel) -> None:
         """What 4008 means: the queue holds nothing and follows no run any more."""
-        q.overflowed()
-        code = q.queue.close_code
-        if q.closed is None:
-            assert code == CLOSE_OVERFLOW
-            q.closed = CLOSE_OVERFLOW
-        else:  # an earlier close request wins the code, but the bound still holds
-            assert code in (q.closed, CLOSE_OVERFLOW)
-            q.closed = code
+        q.control.clear()
+        q.copies.clear()
+        q.closed = CLOSE_OVERFLOW
+        assert q.queue.close_code == CLOSE_OVERFLOW
         assert q.queue.run_ids() == []
         assert (q.queue.queued, q.queue.queued_bytes) == (0, 0)
         assert not q.queue.has_frames()
@@ -203,6 +200,10 @@ class OutboundMachine(RuleBasedStateMachine):
         """Tells every queue following run ``r`` about its new last seq, as the registry does."""
         run = self.runs[r]
         for q in self.queues:
+            if r in q.owed and r not in q.copies:  # closed; the registry has not noticed yet
+                with self._cues(q):
+                    assert q.queue.on_append(run.run_id, run.stream.last_seq)
+                continue
             copy = q.copies.get(r)
             if copy is None:
                 continue
@@ -250,7 +251,7 @@ class OutboundMachine(RuleBasedStateMachine):
                 continue
             events_seen = True
             r = int(obj["run_id"].removeprefix("run-"))
-            copy = q.copies.get(r)
+            copy = q.copies.get(r) or q.owed.get(r)
             assert copy is not None, f"an event of {obj['run_id']}, which is not followed"
             assert obj["seq"] == copy.next, "a gap or a repeat"
             assert copy.next <= copy.announced, "an event the registry never announced"
@@ -262,7 +263,8 @@ class OutboundMachine(RuleBasedStateMachine):
         assert len(stamps) == len(order), "one ts per event frame, none for control frames"
         if sum(map(len, frames)) < max_bytes:
             assert not q.busy(), "take stopped short of max_bytes with frames left"
-        self._check_turns(order, pending)
+        if q.closed is None:
+            self._check_turns(order, pending)
 
     @staticmethod
     def _check_turns(order: list[int], pending: dict[int, int]) -> None:
@@ -272,11 +274,11 @@ class OutboundMachine(RuleBasedStateMachine):
         for j, r in enumerate(order):
             if r in last_at:
                 between = Counter(order[last_at[r] + 1:j])
-                for other, count in pending.items():
+                for other, left in pending.items():
                     if other == r:
                         continue
                     assert between[other] <= 1, "a run had two turns in one round"
-                    if pending[other] - taken[other] > 0:
+                    if left - taken[other] > 0:
                         assert between[other] == 1, f"run {other} was skipped"
             last_at[r] = j
             taken[r] += 1
@@ -312,6 +314,7 @@ class OutboundMachine(RuleBasedStateMachine):
 
     @rule(qi=st.integers(0, 2), r=st.integers(0, 2))
     def unsubscribe(self, qi: int, r: int) -> None:
+        """Also after a close: what a closing socket is owed stays owed."""
         q, r = self._queue(qi), r % len(self.runs)
         with self._cues(q):
             q.queue.unsubscribe(self.runs[r].run_id)
@@ -319,7 +322,10 @@ class OutboundMachine(RuleBasedStateMachine):
 
     @rule(r=st.integers(0, 2), data=st.data())
     def ack_and_trim(self, r: int, data: st.DataObject) -> None:
-        """Trims up to what every follower was sent; frees frames no follower still needs."""
+        """Trims up to what every follower was sent; frees frames no follower still needs.
+
+        A closed queue follows nothing: what it still owes must not depend on the log.
+        """
         r %= len(self.runs)
         stream = self.runs[r].stream
         sent = [q.copies[r].next - 1 for q in self.queues if r in q.copies]
@@ -343,6 +349,8 @@ class OutboundMachine(RuleBasedStateMachine):
         for r, copy in q.copies.items():
             assert copy.next == self.runs[r].stream.last_seq + 1
             assert q.queue.sent_through(self.runs[r].run_id) == self.runs[r].stream.last_seq
+        for copy in q.owed.values():
+            assert copy.next == copy.announced + 1
 
     @rule(qi=st.integers(0, 2), pad=st.integers(0, 200))
     def push_control(self, qi: int, pad: int) -> None:
@@ -362,33 +370,46 @@ class OutboundMachine(RuleBasedStateMachine):
 
     @rule(qi=st.integers(0, 2), code=OTHER_CLOSES)
     def close(self, qi: int, code: int) -> None:
+        """Ends every subscription; what was announced and not yet sent is still owed."""
         q = self._queue(qi)
         with self._cues(q):
             q.queue.close(code, "bye")
             if q.closed is None:
                 q.closed = code
+                q.owed, q.copies = q.copies, {}
+                q.held = (q.queue.queued, q.queue.queued_bytes)
         assert q.queue.close_code == q.closed
+        assert q.queue.run_ids() == []
 
     # ----------------------------------------------------------------- invariants
     @invariant()
     def counts_are_the_live_events_and_control_frames_waiting(self) -> None:
         for q in self.queues:
-            assert (q.queue.queued, q.queue.queued_bytes) == self._load(q)
+            held = (q.queue.queued, q.queue.queued_bytes)
+            if q.closed is None:
+                assert held == self._load(q)
+            else:  # nothing enters a closed queue, and an empty one holds nothing
+                assert held[0] <= q.held[0] and held[1] <= q.held[1]
+            if not q.busy():
+                assert held == (0, 0)
+            q.held = held
 
     @invariant()
-    def never_over_a_bound_unless_closed_4008(self) -> None:
+    def never_over_a_bound_unless_closed(self) -> None:
         for q in self.queues:
-            assert q.queue.queued <= q.max_messages
-            assert q.queue.queued_bytes <= q.max_bytes
-            if q.queue.close_code == CLOSE_OVERFLOW:
+            if q.closed is None:
+                assert q.queue.queued <= q.max_messages
+                assert q.queue.queued_bytes <= q.max_bytes
+            if q.closed == CLOSE_OVERFLOW:
                 assert (q.queue.queued, q.queue.run_ids()) == (0, [])
 
     @invariant()
     def high_water_is_half_of_either_bound(self) -> None:
         for q in self.queues:
-            count, size = self._load(q)
-            assert q.queue.above_high_water() == (
-                count * 2 > q.max_messages or size * 2 > q.max_bytes)
+            if q.closed is None:
+                count, size = self._load(q)
+                assert q.queue.above_high_water() == (
+                    count * 2 > q.max_messages or size * 2 > q.max_bytes)
 
     @invariant()
     def cursors_match(self) -> None:
@@ -525,17 +546,45 @@ def test_after_a_4008_close_nothing_more_is_queued_or_sent() -> None:
     assert queue.queued == queue.queued_bytes == 0
 
 
-def test_an_overflow_after_a_graceful_close_still_drops_everything() -> None:
-    """A close with another code (e.g. 1011 after a missed pong) must not lift the bounds."""
+def test_a_graceful_close_sends_what_was_owed_and_nothing_new() -> None:
+    """Another code (here 1011 after a missed pong) ends the subscriptions, not the debt."""
     stream = new_run(0)
     queue = subscribed_queue(stream, max_messages=2)
+    for _ in range(2):
+        assert emit_live(stream, queue)
+    assert seqs_of(queue.take(1)[0]) == [("run-0", 1)]
     queue.close(1011, "keepalive ping timeout")
+    assert queue.run_ids() == []
+    for _ in range(5):  # not followed any more, so never over a bound
+        assert emit_live(stream, queue)
+    assert not queue.push_control(control(1))
+    stream.trim_through(stream.last_seq)  # the registry forgot the connection: frees the log
+    stream.release_through(stream.last_seq)
+    assert seqs_of(drain(queue)) == [("run-0", 2)]
+    assert queue.close_code == 1011
+
+
+def test_a_replay_in_progress_is_still_owed_after_a_graceful_close() -> None:
+    stream = new_run(0)
+    for _ in range(10):
+        emit_text(stream)
+    queue = subscribed_queue(stream, max_messages=2)
+    assert seqs_of(queue.take(1)[0]) == [("run-0", 1)]
+    queue.close(1001, "server shutting down")
+    stream.trim_through(stream.last_seq)
+    stream.release_through(stream.last_seq)
+    assert [seq for _, seq in seqs_of(drain(queue))] == list(range(2, 11))
+
+
+def test_a_drained_queue_holds_nothing_after_a_graceful_close() -> None:
+    stream = new_run(0)
+    queue = subscribed_queue(stream, max_messages=1)
     assert emit_live(stream, queue)
-    assert emit_live(stream, queue)
-    ok = emit_live(stream, queue)  # the peer is not reading: one past max_messages
-    assert queue.queued <= 2, "the queue holds more than max_queued_messages"
-    assert not ok
-    assert queue.run_ids() == [], "on_append said False but the queue still follows the run"
+    queue.close(1000)
+    assert seqs_of(drain(queue)) == [("run-0", 1)]
+    assert not queue.has_frames()
+    assert (queue.queued, queue.queued_bytes) == (0, 0), "counts frames no longer waiting"
+    assert not queue.above_high_water()
 
 
 # =========================================================================== sending
@@ -594,6 +643,18 @@ def test_control_frames_go_before_events_already_queued() -> None:
     frames, _ = queue.take(BIG)
     assert frames[0] == control(7)
     assert seqs_of(frames[1:]) == [("run-0", 2), ("run-0", 3)]
+
+
+def test_take_stops_once_max_bytes_is_reached() -> None:
+    stream = new_run(0)
+    queue = subscribed_queue(stream)
+    for _ in range(3):
+        assert emit_live(stream, queue)
+    first = stream.frame(1)
+    frames, _ = queue.take(len(first))
+    assert frames == [first]
+    frames, _ = queue.take(len(stream.frame(2)) + 1)
+    assert seqs_of(frames) == [("run-0", 2), ("run-0", 3)]
 
 
 def test_take_returns_the_ts_of_each_event_frame_only() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from registry import (
     AgentContext,
     AgentExecutionRegistry,
     Config,
+    Event,
     EventType,
     InvalidField,
     MemorySubscriber,
@@ -20,6 +22,7 @@ from registry import (
     RegistryClosed,
     RunNotFound,
     RunState,
+    Subscriber,
     Supervisor,
     UnknownAgent,
     get_agent_execution_registry,
@@ -32,6 +35,7 @@ from tests.registry._support import (
     boom_with_open_tool,
     chatty,
     check_run_events,
+    config,
     echo,
     hang,
     in_tool,
@@ -41,8 +45,6 @@ from tests.registry._support import (
     types_of,
 )
 
-pytestmark = pytest.mark.usefixtures("hang_watchdog")
-
 AGENTS = {"echo": echo, "chatty": chatty, "hang": hang, "in_tool": in_tool,
           "boom": boom_with_open_tool}
 S, T, TE, TC, P, C = (EventType.AGENT_STARTED, EventType.AGENT_THINKING, EventType.TOOL_EXECUTING,
@@ -51,12 +53,12 @@ S, T, TE, TC, P, C = (EventType.AGENT_STARTED, EventType.AGENT_THINKING, EventTy
 
 
 def registry(**settings: Any) -> Any:
-    """``open_registry`` with the test agents and ``settings`` applied to Config."""
-    return open_registry(Config(**settings), agents=make_agents(**AGENTS))
+    """``open_registry`` with the test agents and a strict config with ``settings``."""
+    return open_registry(config(**settings), agents=make_agents(**AGENTS))
 
 
 def start(reg: AgentExecutionRegistry, agent: str, request_id: str = "req-1", *,
-          user: str = USER, sub: MemorySubscriber | None = None, **kw: Any) -> Any:
+          user: str = USER, sub: Subscriber | None = None, **kw: Any) -> Any:
     run, _ = reg.start_run(user_id=user, request_id=request_id, agent=agent,
                            message="hello", subscriber=sub, **kw)
     return run
@@ -90,36 +92,29 @@ async def test_a_given_thread_id_is_on_every_event() -> None:
 
 async def test_run_ids_are_unguessable_hex_of_128_bits() -> None:
     async with registry() as reg:
-        ids = {start(reg, "echo", "r", user=f"u{i}").run_id for i in range(20)}
-        assert len(ids) == 20
-        assert all(len(i) >= 32 and int(i, 16) >= 0 for i in ids)
+        ids = [start(reg, "echo", "r", user=f"u{i}").run_id for i in range(1000)]
+        assert all(re.fullmatch("[0-9a-f]{32}", run_id) for run_id in ids), ids[:3]
+        assert len(set(ids)) == 1000
+        # 128 random bits: every hex digit takes every value somewhere among 1000 ids
+        assert all(len({run_id[i] for run_id in ids}) == 16 for i in range(32))
 
 
 # ========================================================================== dedup
-async def test_concurrent_duplicate_starts_make_exactly_one_run() -> None:
+async def test_a_repeated_start_finds_the_run_and_subscribes_nobody_new() -> None:
+    """``start_run`` does not block, so repeats cannot race it; see test_migration_plan for
+    concurrent ``create_execution_context`` calls, which can."""
     async with registry() as reg:
-        subs = [MemorySubscriber(USER) for _ in range(100)]
-        answers: list[Any] = []
-
-        async def start_one(sub: MemorySubscriber) -> None:
-            await trio.lowlevel.checkpoint()
-            answers.append(reg.start_run(user_id=USER, request_id="same", agent="hang",
-                                         message="m", subscriber=sub))
-
-        async with trio.open_nursery() as nursery:
-            for sub in subs:
-                nursery.start_soon(start_one, sub)
-        runs = {id(run) for run, _ in answers}
-        assert len(runs) == 1
-        assert sorted(dup for _, dup in answers) == [False] + [True] * 99
+        subs = [MemorySubscriber(USER) for _ in range(5)]
+        answers = [reg.start_run(user_id=USER, request_id="same", agent="hang", message="m",
+                                 subscriber=sub) for sub in subs]
         run = answers[0][0]
-        first = next(s for s in subs if s.received)
-        await first.wait_for(run.run_id, 2)
-        assert types_of(first.received[run.run_id]) == [S, T]
-        assert [s for s in subs if s.received] == [first]
-        assert reg.manager.subscribers(run.run_id) == (first,)
+        assert answers == [(run, False)] + [(run, True)] * 4
+        await subs[0].wait_for(run.run_id, 2)
+        assert types_of(subs[0].received[run.run_id]) == [S, T]
+        assert all(not sub.received for sub in subs[1:])
+        assert reg.manager.subscribers(run.run_id) == (subs[0],)
         stats = reg.statistics()
-        assert (stats.dedup_hits, stats.runs_started, stats.active_runs) == (99, 1, 1)
+        assert (stats.dedup_hits, stats.runs_started, stats.active_runs) == (4, 1, 1)
 
 
 async def test_the_same_request_id_from_two_users_is_two_runs() -> None:
@@ -212,7 +207,7 @@ async def test_a_failing_tool_is_completed_error_by_the_dispatcher() -> None:
     async def agent(ctx: AgentContext) -> Any:
         return await ctx.tool("fetch", {"url": "x"}, fn=tool_fails)
 
-    async with open_registry(Config(expose_errors=True), agents=make_agents(agent=agent)) as reg:
+    async with open_registry(config(expose_errors=True), agents=make_agents(agent=agent)) as reg:
         sub = MemorySubscriber(USER)
         run = start(reg, "agent", sub=sub)
         payload = await run.wait_done()
@@ -228,7 +223,7 @@ async def test_failures_reach_the_client_as_a_generic_text_and_the_log_in_full(
     async def agent(ctx: AgentContext) -> Any:
         return await ctx.tool("fetch", {"url": "x"}, fn=tool_fails)
 
-    async with open_registry(agents=make_agents(agent=agent)) as reg:
+    async with open_registry(config(), agents=make_agents(agent=agent)) as reg:
         sub = MemorySubscriber(USER)
         run = start(reg, "agent", sub=sub)
         payload = await run.wait_done()
@@ -407,6 +402,83 @@ async def test_cancelling_the_block_from_outside_still_ends_every_run(
     assert run.status == "cancelled"
 
 
+# ============================================================ bounded by the grace
+class StuckOnTheEnd:
+    """A transport that takes live events at once but hangs an hour on ``agent_completed``.
+
+    It claims never to block (``immediate_delivery``), so no per-attempt timeout bounds it:
+    only ``shutdown_grace_s`` bounds the shielded cleanup that delivers the terminal event.
+    """
+
+    immediate_delivery = True
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.seqs: list[int] = []
+        self.detached: list[str] = []
+
+    def attach(self, run_id: str, after_seq: int, replay: list[Event]) -> None:
+        self.seqs += [e.seq for e in replay]
+
+    async def send_event(self, event: Event) -> None:
+        if event.type is EventType.AGENT_COMPLETED:
+            await trio.sleep(3600)
+        self.seqs.append(event.seq)
+
+    def detach(self, run_id: str) -> None:
+        self.detached.append(run_id)
+
+    def delivered_through(self, run_id: str) -> int:
+        return self.seqs[-1] if self.seqs else 0
+
+
+def assert_ended_without_it(run: Any, stuck: StuckOnTheEnd, status: str) -> None:
+    """The run ended and was unregistered; the stuck transport was given up on, not awaited."""
+    assert run.done.is_set() and run.status == status
+    assert (stuck.seqs, stuck.detached) == ([1, 2], [run.run_id])
+    assert check_run_events(list(run.stream.events_after(0)))["status"] == status
+
+
+async def test_a_stuck_terminal_delivery_holds_the_registry_exit_only_shutdown_grace_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stuck = StuckOnTheEnd(USER)
+    async with registry(shutdown_grace_s=5) as reg:
+        run = start(reg, "hang", sub=stuck)
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+    assert trio.current_time() - t0 == pytest.approx(5)
+    assert_ended_without_it(run, stuck, "cancelled")
+    assert reg.statistics().active_runs == 0
+
+
+async def test_a_stuck_terminal_delivery_holds_complete_execution_only_shutdown_grace_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(shutdown_grace_s=5) as reg:
+        stuck = StuckOnTheEnd(USER)
+        reg.connect(stuck)
+        ctx, notifier = await reg.create_execution_context("triage", USER, "m")
+        await notifier.send_agent_thinking("hmm")
+        t0 = trio.current_time()
+        await reg.complete_execution(ctx, "done")
+        assert trio.current_time() - t0 == pytest.approx(5)
+        assert_ended_without_it(ctx, stuck, "succeeded")
+
+
+async def test_a_stuck_terminal_delivery_holds_an_execution_block_only_shutdown_grace_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry(shutdown_grace_s=5) as reg:
+        stuck = StuckOnTheEnd(USER)
+        reg.connect(stuck)
+        async with reg.open_execution_context("triage", USER, "m") as (run, notifier):
+            await notifier.send_agent_thinking("hmm")
+            t0 = trio.current_time()
+        assert trio.current_time() - t0 == pytest.approx(5)
+        assert_ended_without_it(run, stuck, "succeeded")
+
+
 # ======================================================================== limits
 async def test_a_user_at_max_active_runs_per_user_is_rate_limited() -> None:
     async with registry(max_active_runs_per_user=2) as reg:
@@ -455,23 +527,20 @@ async def test_a_context_the_agent_refuses_is_invalid_field_and_starts_nothing()
 
     agents = make_agents()
     agents.register("picky", echo, validate=validate)
-    async with open_registry(agents=agents) as reg:
+    async with open_registry(config(), agents=agents) as reg:
         with pytest.raises(InvalidField) as info:
             start(reg, "picky", context={"tools": "many"})
         assert info.value.field == "context.tools"
         assert reg.statistics().runs_started == 0
         run = start(reg, "picky", context={"tools": 2})
-        assert run.options == {"tools": 2}
+        assert await run.wait_done() == {"status": "succeeded", "result": "hello"}
 
 
 async def test_a_foreign_subscriber_is_refused_without_leaking_a_run() -> None:
     async with registry(max_active_runs_per_user=1) as reg:
         with pytest.raises(RunNotFound):
             start(reg, "hang", sub=MemorySubscriber(OTHER_USER))
-        leaked = reg.statistics().active_runs
-        if leaked:  # a leaked run has no task: unblock the exit so this failure cannot hang
-            reg._idle.set()
-        assert leaked == 0
+        assert reg.statistics().active_runs == 0
         assert start(reg, "hang", "next").is_active
 
 
@@ -526,7 +595,9 @@ async def test_statistics_count_runs_events_and_connections() -> None:
         assert stats.events_refused == 0
 
 
-async def test_health_is_ok_then_degraded_when_deliveries_fail() -> None:
+async def test_health_is_ok_then_degraded_when_deliveries_fail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with registry(delivery_retries=1) as reg:
         assert reg.health().ok
         run = start(reg, "echo", sub=MemorySubscriber(USER, fail_times=1))
@@ -552,11 +623,12 @@ async def test_health_recovers_once_the_failures_leave_its_window(
 
 
 async def test_refused_events_are_not_delivery_failures() -> None:
-    async with registry() as reg:
+    async with open_registry(Config(strict=False), agents=make_agents()) as reg:
         reg.connect(MemorySubscriber(USER))
         ctx, _ = await reg.create_execution_context("triage", USER, "m")
         for _ in range(5):
-            assert not await reg.ensure_event_delivery(ctx, "agent_thinkin", {"thought": "x"})
+            unknown: Any = "agent_thinkin"
+            assert not await reg.ensure_event_delivery(ctx, unknown, {"thought": "x"})
         assert reg.health().ok
         assert reg.statistics().events_refused == 5
 
@@ -580,7 +652,7 @@ async def test_health_is_unhealthy_while_closing() -> None:
         finally:
             seen.append(opened[0].health().status)
 
-    async with open_registry(agents=make_agents(watcher=watcher)) as reg:
+    async with open_registry(config(), agents=make_agents(watcher=watcher)) as reg:
         opened.append(reg)
         start(reg, "watcher")
         await trio.testing.wait_all_tasks_blocked()
