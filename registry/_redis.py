@@ -1,0 +1,585 @@
+"""The Redis :class:`~registry._shared.SharedState`: every node of a service on one Redis.
+
+Built on coredis (anyio: runs under trio and asyncio). Open it with :func:`open_redis_state`.
+Needs a single Redis >= 6.2 (standalone or behind Sentinel), not a Cluster: the scripts touch
+keys of several users in one step. All keys start with ``key_prefix`` (``P``, default
+``reg:``). A user or request id is client input, so it enters a key only as ``h(id)``, the
+first 32 hex digits of its SHA-256; every other variable part ends its key, after a prefix
+naming the key's type, so no run or node id can name another key.
+
+Key layout:
+
+* ``P run:{run_id}`` hash, the run's record: ``user_id request_id thread_id agent node_id``,
+  ``ended`` (0/1), ``open_tools`` (JSON object), ``trimmed`` (the seq trimmed through), and
+  the keys ``finish``/``drop`` clean up: ``akey`` (the user's active set), ``dkey`` (dedup).
+* ``P log:{run_id}`` stream, the run's event log: entry id ``0-{seq}``, one field ``f`` = the
+  event's wire bytes. Redis itself refuses an id at or below the stream's top, so an append
+  is idempotent; ``trim`` is ``XTRIM MINID 0-{seq+1}`` and moves the stream's last id up to
+  the trimmed seq (``XSETID``), so a late append of a trimmed seq is refused too.
+* ``P dedup:{h(user)}:{h(request_id)}`` string -> run_id, ``PX dedup_ttl_s``, then
+  ``retention_s`` from ``finish``.
+* ``P active:all``, ``P active:user:{h(user)}``, ``P noderuns:{node_id}`` sets of active
+  run ids.
+* ``P conns:{h(user)}`` hash conn_id -> node_id; ``P nodeconns:{node_id}`` set of
+  ``{h(user)}:{conn_id}``, to find a dead node's connections.
+* ``P nodes`` set of node ids that ever heartbeat; ``P lease:{node_id}`` (``PX lease_s``);
+  ``P claim:{node_id}`` = the claiming node (``NX PX claim_ttl_s``).
+* ``P mail:{node_id}`` pub/sub channel, the node's mailbox.
+
+Each state change is one Lua script (one round trip, atomic): ``admit`` (dedup check, both
+limits, registration), ``finish``, ``drop``, ``set_open_tools`` and ``trim`` (which never
+recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_nodes``,
+``claim``, ``forget_node``. An ``append`` of n events is n ``XADD`` in one ``MULTI``/``EXEC``
+(one round trip; a refused id fails only its own ``XADD``; a tail sees the batch whole);
+``read`` is ``HGET trimmed`` + ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a
+second connection pool (``max_tails`` connections), so that waiting tails never hold the
+connections the other commands multiplex on. Every command is safe to run twice (coredis
+retries one whose connection broke): a re-run admit finds its own run, a re-run claim its own
+claim, a re-run finish changes nothing. Only ``PUBLISH`` is not, so it goes through a third
+client that never retries (a message is delivered at most once).
+
+Every connection error and timeout (``timeout_s`` per call, ``wait_s + timeout_s`` for
+``tail``) is raised as :class:`SharedStateUnavailable`; coredis reconnects on the next
+command, so the state serves again as soon as Redis is back. An open mailbox outlives an
+outage: it resubscribes by itself (the messages sent meanwhile are lost: best effort).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Any, Final, final
+
+import anyio
+import attrs
+import coredis
+import coredis.exceptions
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from coredis.commands.script import Script
+from coredis.response.types import StreamEntry
+from coredis.retry import (
+    CompositeRetryPolicy,
+    ConstantRetryPolicy,
+    ExponentialBackoffRetryPolicy,
+    NoRetryPolicy,
+)
+
+from registry._errors import Overloaded, RateLimited
+from registry._shared import RunRecord, SharedStateUnavailable
+from registry._util import unwrapping_groups
+
+__all__ = ["RedisSharedState", "open_redis_state"]
+
+logger = logging.getLogger(__name__)
+
+#: What a broken or unreachable Redis raises through coredis.
+_UNAVAILABLE: Final = (
+    coredis.exceptions.ConnectionError,  # includes BusyLoadingError
+    coredis.exceptions.ReadOnlyError,  # a replica after a failover
+    TimeoutError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+)
+
+# admit codes
+_NEW, _DUPLICATE, _RATE_LIMITED, _OVERLOADED = 0, 1, 2, 3
+
+_ADMIT: Final = """
+-- KEYS: dedup, active:user, active:all, run, noderuns
+-- ARGV: run_id, per_user, max_all, dedup_ms, prefix, user_id, request_id, thread_id, agent,
+--       node_id, open_tools
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  local fields = redis.call('HGETALL', ARGV[5] .. 'run:' .. existing)
+  if #fields > 0 then return {1, existing, fields} end
+end
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {2} end
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return {3} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('HSET', KEYS[4], 'user_id', ARGV[6], 'request_id', ARGV[7], 'thread_id', ARGV[8],
+  'agent', ARGV[9], 'node_id', ARGV[10], 'ended', '0', 'open_tools', ARGV[11],
+  'trimmed', '0', 'akey', KEYS[2], 'dkey', KEYS[1])
+return {0}
+"""
+
+_FINISH: Final = """
+-- KEYS: run, log, active:all; ARGV: run_id, retention_ms, prefix
+local f = redis.call('HMGET', KEYS[1], 'akey', 'dkey', 'node_id', 'ended')
+if not f[1] or f[4] == '1' then return 0 end
+redis.call('SREM', f[1], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', ARGV[3] .. 'noderuns:' .. f[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'ended', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local owner = redis.call('GET', f[2])
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', f[2], ARGV[2])
+elseif not owner then
+  redis.call('SET', f[2], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+_DROP: Final = """
+-- KEYS: run, log, active:all; ARGV: run_id, prefix
+local f = redis.call('HMGET', KEYS[1], 'akey', 'dkey', 'node_id')
+if f[1] then
+  redis.call('SREM', f[1], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SREM', ARGV[2] .. 'noderuns:' .. f[3], ARGV[1])
+  if redis.call('GET', f[2]) == ARGV[1] then redis.call('DEL', f[2]) end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 0
+"""
+
+_SET_OPEN_TOOLS: Final = """
+-- KEYS: run; ARGV: open_tools
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'open_tools', ARGV[1]) end
+return 0
+"""
+
+_TRIM: Final = """
+-- KEYS: run, log; ARGV: through, through + 1
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local through = tonumber(ARGV[1])
+if through <= tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0') then return 0 end
+redis.call('HSET', KEYS[1], 'trimmed', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  local top = 0
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then top = tonumber(string.match(info[i + 1], '%d+$')) end
+  end
+  if top < through then redis.call('XSETID', KEYS[2], '0-' .. ARGV[1]) end
+  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. ARGV[2])
+else
+  redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 'f', '')
+  redis.call('XDEL', KEYS[2], '0-' .. ARGV[1])
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+return 1
+"""
+
+_CONNECT: Final = """
+-- KEYS: conns, nodeconns; ARGV: conn_id, node_id, limit, member
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+_DISCONNECT: Final = """
+-- KEYS: conns; ARGV: conn_id, member, prefix
+local node = redis.call('HGET', KEYS[1], ARGV[1])
+if not node then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', ARGV[3] .. 'nodeconns:' .. node, ARGV[2])
+return 1
+"""
+
+_HEARTBEAT: Final = """
+-- KEYS: lease, nodes; ARGV: node_id, lease_ms
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 0
+"""
+
+_DEAD_NODES: Final = """
+-- KEYS: nodes; ARGV: prefix
+local dead = {}
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'lease:' .. node) == 0
+      and redis.call('EXISTS', ARGV[1] .. 'claim:' .. node) == 0 then
+    table.insert(dead, node)
+  end
+end
+return dead
+"""
+
+_CLAIM: Final = """
+-- KEYS: lease, claim; ARGV: by, claim_ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 1 end
+return 0
+"""
+
+_FORGET_NODE: Final = """
+-- KEYS: nodeconns, noderuns, claim, nodes; ARGV: node_id, prefix
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local colon = string.find(member, ':', 1, true)
+  local conns = ARGV[2] .. 'conns:' .. string.sub(member, 1, colon - 1)
+  local conn_id = string.sub(member, colon + 1)
+  if redis.call('HGET', conns, conn_id) == ARGV[1] then redis.call('HDEL', conns, conn_id) end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[1])
+return 0
+"""
+
+
+def _h(value: str) -> str:
+    """A client-chosen id as a fixed-length key part (128 bits of its SHA-256)."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _ms(seconds: float) -> int:
+    """A duration for ``PX``/``PEXPIRE``: whole milliseconds, at least 1."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _event(entry: StreamEntry) -> tuple[int, bytes]:
+    """A stream entry ``0-{seq}`` as (seq, wire bytes)."""
+    data = entry.field_values[b"f"]
+    return int(_text(entry.identifier).rpartition("-")[2]), (
+        data if isinstance(data, bytes) else data.encode()
+    )
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else str(value)
+
+
+def _record(run_id: str, fields: Mapping[Any, Any]) -> RunRecord:
+    text = {_text(key): _text(value) for key, value in fields.items()}
+    return RunRecord(
+        run_id=run_id, user_id=text["user_id"], request_id=text["request_id"],
+        thread_id=text["thread_id"], agent=text["agent"], node_id=text["node_id"],
+        ended=text["ended"] == "1", open_tools=json.loads(text["open_tools"]),
+    )
+
+
+def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+    """A Lua ``HGETALL`` reply (a flat list) as a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@final
+@attrs.define(eq=False)
+class _Inbox:
+    """A mailbox's messages; raises SharedStateUnavailable if its subscriber failed."""
+
+    _receive: MemoryObjectReceiveStream[bytes]
+    _failed: list[BaseException]
+
+    def __aiter__(self) -> _Inbox:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            if self._failed:
+                raise SharedStateUnavailable("the mailbox lost its subscription") from (
+                    self._failed[0]
+                )
+            raise StopAsyncIteration from None
+
+
+@final
+@attrs.define(eq=False)
+class RedisSharedState:
+    """Shared state in Redis (a :class:`SharedState`); see the module docstring.
+
+    Construct it, then use it inside :func:`open_redis_state` (which opens its clients), or
+    enter :meth:`open` yourself.
+
+    Attributes:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+        key_prefix: Starts every key and channel (several services can share one Redis).
+        timeout_s: A call that takes longer raises :class:`SharedStateUnavailable`.
+        claim_ttl_s: How long a claim on a dead node lasts.
+        max_tails: Connections for concurrent :meth:`tail` calls (each blocks one).
+        mailbox_size: Messages a mailbox holds before further ones are dropped.
+    """
+
+    url: str
+    key_prefix: str = attrs.field(default="reg:", kw_only=True)
+    timeout_s: float = attrs.field(default=5.0, kw_only=True)
+    claim_ttl_s: float = attrs.field(default=300.0, kw_only=True)
+    max_tails: int = attrs.field(default=256, kw_only=True)
+    mailbox_size: int = attrs.field(default=1024, kw_only=True)
+    _client: coredis.Redis[bytes] = attrs.field(init=False)
+    _tails: coredis.Redis[bytes] = attrs.field(init=False)
+    _mail: coredis.Redis[bytes] = attrs.field(init=False)
+    _scripts: dict[str, Script[bytes]] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        retry = ConstantRetryPolicy((coredis.exceptions.ConnectionError,), retries=2, delay=0.01)
+        self._client = coredis.Redis.from_url(self.url, retry_policy=retry)
+        self._tails = coredis.Redis.from_url(
+            self.url, retry_policy=retry, max_connections=self.max_tails
+        )
+        self._mail = coredis.Redis.from_url(self.url, retry_policy=NoRetryPolicy())
+        for name, lua in _SCRIPTS.items():
+            self._scripts[name] = self._client.register_script(lua)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[RedisSharedState]:
+        """Opens the clients (no connection yet: the first command connects); closes them.
+
+        Enter it in the task that owns the state, before any task uses it.
+        """
+        async with unwrapping_groups(), self._client, self._tails, self._mail:
+            yield self
+
+    # ------------------------------------------------------------ admission
+    async def admit(
+        self, record: RunRecord, *, max_active_runs_per_user: int, max_active_runs: int,
+        dedup_ttl_s: float,
+    ) -> tuple[RunRecord, bool]:
+        """See :meth:`SharedState.admit`; a retried admit of the same run_id is not a duplicate."""
+        keys = [
+            self._key("dedup:", _h(record.user_id), ":", _h(record.request_id)),
+            self._key("active:user:", _h(record.user_id)), self._key("active:all"),
+            self._key("run:", record.run_id), self._key("noderuns:", record.node_id),
+        ]
+        args: list[str | int] = [
+            record.run_id, max_active_runs_per_user, max_active_runs, _ms(dedup_ttl_s),
+            self.key_prefix, record.user_id, record.request_id, record.thread_id, record.agent,
+            record.node_id, json.dumps(dict(record.open_tools)),
+        ]
+        reply = await self._run_script("admit", keys, args)
+        code = int(reply[0])
+        if code == _DUPLICATE:
+            existing = _record(_text(reply[1]), _pairs(reply[2]))
+            return existing, existing.run_id != record.run_id
+        if code == _RATE_LIMITED:
+            raise RateLimited(f"the user already has {max_active_runs_per_user} runs in flight")
+        if code == _OVERLOADED:
+            raise Overloaded(f"at max_active_runs ({max_active_runs})")
+        return record, False
+
+    async def set_open_tools(self, run_id: str, open_tools: Mapping[str, str]) -> None:
+        """See :meth:`SharedState.set_open_tools` (a run that is gone is left alone)."""
+        await self._run_script(
+            "set_open_tools", [self._key("run:", run_id)], [json.dumps(dict(open_tools))]
+        )
+
+    async def finish(self, run_id: str, *, retention_s: float) -> None:
+        """See :meth:`SharedState.finish`: a second call changes nothing."""
+        await self._run_script(
+            "finish", self._run_keys(run_id), [run_id, _ms(retention_s), self.key_prefix]
+        )
+
+    async def drop(self, run_id: str) -> None:
+        """See :meth:`SharedState.drop`."""
+        await self._run_script("drop", self._run_keys(run_id), [run_id, self.key_prefix])
+
+    async def record(self, run_id: str) -> RunRecord | None:
+        """See :meth:`SharedState.record`."""
+        with self._guard():
+            fields = await self._client.hgetall(self._key("run:", run_id))
+        return _record(run_id, fields) if fields else None
+
+    # ------------------------------------------------------------ event log
+    async def append(self, run_id: str, entries: Sequence[tuple[int, bytes]]) -> None:
+        """See :meth:`SharedState.append`: one ``XADD`` per event, all in one round trip."""
+        if not entries:
+            return
+        log = self._key("log:", run_id)
+        with self._guard():
+            async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
+                for seq, data in entries:
+                    pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
+        for result in pipe.results or ():
+            if isinstance(result, _UNAVAILABLE):
+                raise SharedStateUnavailable(f"redis: {result!r}") from result
+            if isinstance(result, BaseException) and "equal or smaller" not in str(result):
+                raise result  # a bug (WRONGTYPE...): an id already there is the only refusal
+
+    async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """See :meth:`SharedState.read`: one ``MULTI`` of ``HGET`` and ``XRANGE``."""
+        with self._guard():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._key("run:", run_id), "trimmed")
+                pipe.xrange(self._key("log:", run_id), f"0-{after_seq + 1}", "+")
+        trimmed, entries = pipe.results or (None, ())
+        return int(trimmed or 0), [_event(entry) for entry in entries]
+
+    async def tail(
+        self, run_id: str, after_seq: int, wait_s: float
+    ) -> list[tuple[int, bytes]]:
+        """See :meth:`SharedState.tail`: ``XREAD BLOCK`` on its own connection. Cancel-safe."""
+        log = self._key("log:", run_id)
+        block = None if wait_s <= 0 else _ms(wait_s)
+        with self._guard(self.timeout_s + max(wait_s, 0)):
+            reply = await self._tails.xread({log: f"0-{after_seq}"}, block=block)
+        if not reply:
+            return []
+        return [_event(entry) for entries in reply.values() for entry in entries]
+
+    async def trim(self, run_id: str, through_seq: int) -> None:
+        """See :meth:`SharedState.trim`: a later append at or below ``through_seq`` is skipped."""
+        await self._run_script(
+            "trim", self._run_keys(run_id)[:2], [through_seq, through_seq + 1]
+        )
+
+    # ---------------------------------------------------------- connections
+    async def connect(self, user_id: str, conn_id: str, node_id: str, limit: int) -> bool:
+        """See :meth:`SharedState.connect`: a conn_id already counted is True again."""
+        keys = [self._key("conns:", _h(user_id)), self._key("nodeconns:", node_id)]
+        member = f"{_h(user_id)}:{conn_id}"
+        return bool(await self._run_script("connect", keys, [conn_id, node_id, limit, member]))
+
+    async def disconnect(self, user_id: str, conn_id: str) -> None:
+        """See :meth:`SharedState.disconnect`."""
+        member = f"{_h(user_id)}:{conn_id}"
+        await self._run_script(
+            "disconnect", [self._key("conns:", _h(user_id))], [conn_id, member, self.key_prefix]
+        )
+
+    # ---------------------------------------------------------------- nodes
+    async def heartbeat(self, node_id: str, lease_s: float) -> None:
+        """See :meth:`SharedState.heartbeat`."""
+        keys = [self._key("lease:", node_id), self._key("nodes")]
+        await self._run_script("heartbeat", keys, [node_id, _ms(lease_s)])
+
+    async def dead_nodes(self) -> list[str]:
+        """See :meth:`SharedState.dead_nodes` (sorted)."""
+        reply = await self._run_script("dead_nodes", [self._key("nodes")], [self.key_prefix])
+        return sorted(_text(node) for node in reply)
+
+    async def claim(self, node_id: str, by: str) -> bool:
+        """See :meth:`SharedState.claim`: False while the node's lease runs; True again for
+        the node that holds the claim."""
+        keys = [self._key("lease:", node_id), self._key("claim:", node_id)]
+        return bool(await self._run_script("claim", keys, [by, _ms(self.claim_ttl_s)]))
+
+    async def node_runs(self, node_id: str) -> list[str]:
+        """See :meth:`SharedState.node_runs` (sorted)."""
+        with self._guard():
+            members = await self._client.smembers(self._key("noderuns:", node_id))
+        return sorted(_text(member) for member in members)
+
+    async def forget_node(self, node_id: str) -> None:
+        """See :meth:`SharedState.forget_node`; its claim goes too (it may die again later)."""
+        keys = [
+            self._key("nodeconns:", node_id), self._key("noderuns:", node_id),
+            self._key("claim:", node_id), self._key("nodes"),
+        ]
+        await self._run_script("forget_node", keys, [node_id, self.key_prefix])
+
+    # ------------------------------------------------------------- mailbox
+    async def send(self, node_id: str, message: bytes) -> None:
+        """See :meth:`SharedState.send`: ``PUBLISH`` (reaches the mailboxes open now)."""
+        with self._guard():
+            await self._mail.publish(self._key("mail:", node_id), message)
+
+    def mailbox(self, node_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """See :meth:`SharedState.mailbox`: a subscription to the node's channel.
+
+        Opening raises :class:`SharedStateUnavailable` if Redis does not answer within
+        ``timeout_s``; once open, it resubscribes by itself after an outage.
+        """
+        return self._open_mailbox(self._key("mail:", node_id))
+
+    @asynccontextmanager
+    async def _open_mailbox(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        await self.ping()  # fails fast: the subscriber would wait for Redis to come back
+        send, receive = anyio.create_memory_object_stream[bytes](self.mailbox_size)
+        failed: list[BaseException] = []
+        async with unwrapping_groups(), anyio.create_task_group() as tg, receive:
+            with self._guard():
+                await tg.start(self._subscribe, channel, send, failed)
+            try:
+                yield _Inbox(receive, failed)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _subscribe(
+        self, channel: str, send: MemoryObjectSendStream[bytes], failed: list[BaseException],
+        *, task_status: TaskStatus[None],
+    ) -> None:
+        reconnect = CompositeRetryPolicy(
+            ExponentialBackoffRetryPolicy(
+                (coredis.exceptions.ConnectionError, TimeoutError), retries=None,
+                base_delay=0.05, max_delay=1.0, jitter=True,
+            ),
+        )
+        pubsub = self._mail.pubsub(
+            channels=[channel], ignore_subscribe_messages=True, retry_policy=reconnect
+        )
+        started = False
+        try:
+            async with send, pubsub:
+                task_status.started()
+                started = True
+                while True:
+                    message = await pubsub.get_message()
+                    if message is not None and message["type"] == "message":
+                        self._deliver(send, message["data"])
+        except* _UNAVAILABLE as group:
+            if not started:
+                raise
+            failed.append(group)  # ends the inbox with SharedStateUnavailable
+
+    @staticmethod
+    def _deliver(send: MemoryObjectSendStream[bytes], data: object) -> None:
+        try:
+            send.send_nowait(data if isinstance(data, bytes) else str(data).encode())
+        except anyio.WouldBlock:
+            logger.warning("a mailbox is full: a message was dropped")
+
+    async def ping(self) -> None:
+        """See :meth:`SharedState.ping`."""
+        with self._guard():
+            await self._client.ping()
+
+    # ------------------------------------------------------------- internals
+    def _key(self, *parts: str) -> str:
+        return self.key_prefix + "".join(parts)
+
+    def _run_keys(self, run_id: str) -> list[str]:
+        return [self._key("run:", run_id), self._key("log:", run_id), self._key("active:all")]
+
+    async def _run_script(self, name: str, keys: list[str], args: Sequence[str | int]) -> Any:
+        with self._guard():
+            return await self._scripts[name](keys=keys, args=list(args))
+
+    @contextmanager
+    def _guard(self, timeout_s: float | None = None) -> Iterator[None]:
+        """Raises every connection error or timeout inside as SharedStateUnavailable."""
+        try:
+            with anyio.fail_after(self.timeout_s if timeout_s is None else timeout_s):
+                yield
+        except _UNAVAILABLE as exc:
+            raise SharedStateUnavailable(f"redis: {exc!r}") from exc
+        except BaseExceptionGroup as group:  # from the mailbox's subscriber task
+            unavailable, rest = group.split(_UNAVAILABLE)
+            if unavailable is None or rest is not None:
+                raise
+            raise SharedStateUnavailable(f"redis: {group!r}") from group
+
+
+_SCRIPTS: Final = {
+    "admit": _ADMIT, "finish": _FINISH, "drop": _DROP, "set_open_tools": _SET_OPEN_TOOLS,
+    "trim": _TRIM, "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
+    "dead_nodes": _DEAD_NODES, "claim": _CLAIM, "forget_node": _FORGET_NODE,
+}
+
+
+@asynccontextmanager
+async def open_redis_state(
+    url: str, *, key_prefix: str = "reg:", timeout_s: float = 5.0
+) -> AsyncIterator[RedisSharedState]:
+    """Opens a :class:`RedisSharedState` on ``url``; closes its connections on exit.
+
+    Does not connect yet (the first call does, and raises SharedStateUnavailable if Redis is
+    unreachable), so a node can start while Redis is down.
+    """
+    async with RedisSharedState(url, key_prefix=key_prefix, timeout_s=timeout_s).open() as state:
+        yield state
