@@ -209,14 +209,51 @@ class RunStream:
 
     def _append(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> Event:
         frame = encode_event(self._prefix, event_type, self.last_seq + 1, ts, payload)
-        self.last_seq += 1  # only once the frame exists: a failed encoding leaves no gap
+        self._hold(frame, ts)  # only once the frame exists: a failed encoding leaves no gap
+        return Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
+
+    def _hold(self, frame: bytes, ts: float) -> None:
+        """Keeps ``frame`` as event ``last_seq + 1``; the oldest beyond ``max_retained`` go."""
         self._frames.append(frame)
         self._ts.append(ts)
         self.held_bytes += len(frame)
         self._total.bytes += len(frame)
+        self.last_seq += 1
         if self.retained_count > self.max_retained:
             self.trim_through(self.last_seq - self.max_retained)
-        return Event(event_type, self.run_id, self.thread_id, self.last_seq, ts, payload)
+
+    # ------------------------------------------------------------ mirroring
+    def start_after(self, seq: int) -> None:
+        """Starts an empty mirror at ``seq``: what came before is not retained anywhere."""
+        if self.last_seq or self._frames:
+            raise StreamError(f"run {self.run_id}: only an empty stream can start later")
+        self.last_seq = self.trimmed_through = self._base = seq
+
+    def extend(self, entries: Sequence[tuple[int, bytes]]) -> list[Event]:
+        """Appends events another node recorded (a mirror of its run), skipping known ones.
+
+        ``entries`` are (seq, wire bytes) in order; the first new one must be
+        ``last_seq + 1``. The stream's rules were checked where the run runs; here an
+        ``agent_completed`` only marks the mirror ended.
+
+        Returns:
+            The events now appended.
+
+        Raises:
+            StreamError: a seq is missing between ``last_seq`` and the entries.
+        """
+        out = []
+        for seq, frame in entries:
+            if seq <= self.last_seq:
+                continue
+            if seq != self.last_seq + 1:
+                raise StreamError(f"run {self.run_id}: got seq {seq} after {self.last_seq}")
+            event = Event.from_json(frame)
+            self._hold(frame, event.ts)
+            if event.type is EventType.AGENT_COMPLETED:
+                self.status = RunStatus(event.payload["status"])
+            out.append(event)
+        return out
 
     # ------------------------------------------------------- acks and replay
     def ack(self, seq: int) -> None:
