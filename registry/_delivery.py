@@ -64,6 +64,11 @@ class Delivery:
             False when a handed subscriber failed every attempt.
         """
         self.counts["events_emitted"] += len(events)
+        return await self.relay(run, events)
+
+    async def relay(self, run: Run, events: list[Event]) -> bool:
+        """Hands events to the run's followers without counting them as emitted here
+        (a mirror's events were emitted on another node)."""
         queues = self.manager.queues(run.run_id)
         self._count_into(run, queues, len(events))
         ok = True

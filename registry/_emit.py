@@ -54,6 +54,9 @@ class EmitAPI(abc.ABC):
     @abc.abstractmethod
     async def _complete(self, run: Run) -> None: ...
 
+    @abc.abstractmethod
+    def _replicate(self, run: Run, events: list[Event]) -> None: ...
+
     def agent_context(self, run: Run, tools: ToolDispatcher | None = None) -> AgentContext:
         """The handle an agent gets for ``run``: its emit, its tools, its failure texts."""
         async def emit(kind: EventType | EventTypeName, payload: Payload | Mapping[str, Any]
@@ -118,6 +121,7 @@ class EmitAPI(abc.ABC):
         return False
 
     async def _deliver(self, run: Run, events: list[Event]) -> bool:
+        self._replicate(run, events)
         ok = await self._delivery.deliver(run, events)
         if self._retention.over_budget():
             self._retention.within_budget(run)

@@ -18,6 +18,7 @@ and writes them. Both servers, trio and asyncio, drive the same class.
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final, final
@@ -62,6 +63,7 @@ class OutboundQueue:
 
     __slots__ = (
         "_closing", "_control", "_cursors", "_ready", "_user_id", "close_code", "close_reason",
+        "conn_id",
         "max_bytes", "max_messages", "on_ready", "pause", "queued", "queued_bytes",
     )
 
@@ -74,6 +76,8 @@ class OutboundQueue:
         on_ready: Callable[[], object] | None = None,
     ) -> None:
         self._user_id = user_id
+        #: Unguessable id of the connection (counted across the nodes of a service).
+        self.conn_id = secrets.token_hex(8)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.on_ready = on_ready

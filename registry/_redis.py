@@ -443,6 +443,16 @@ class RedisSharedState:
         )
 
     # ---------------------------------------------------------------- nodes
+    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
+        """See :meth:`SharedState.follow`: ``SET P follow:{run_id} node PX ttl``."""
+        with self._guard():
+            await self._client.set(self._key("follow:", run_id), node_id, px=_ms(ttl_s))
+
+    async def followed(self, run_id: str) -> bool:
+        """See :meth:`SharedState.followed`."""
+        with self._guard():
+            return bool(await self._client.exists([self._key("follow:", run_id)]))
+
     async def heartbeat(self, node_id: str, lease_s: float) -> None:
         """See :meth:`SharedState.heartbeat`."""
         keys = [self._key("lease:", node_id), self._key("nodes")]

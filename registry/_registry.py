@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final, final
 
 import anyio
@@ -20,6 +20,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from registry._agents import AgentRegistry, Supervisor, ToolDispatcher, run_agent
+from registry._cluster import ClusterAPI
 from registry._compat import MigrationPlanAPI
 from registry._config import Config
 from registry._current import OPEN
@@ -30,8 +31,11 @@ from registry._health import DeliveryWindow, Health, RegistryStatistics, judge, 
 from registry._lifecycle import Trigger
 from registry._manager import Connection, WebSocketManager
 from registry._payloads import outcome
+from registry._redis import open_redis_state
 from registry._retention import Retention
 from registry._run import Run
+from registry._service import ServiceAPI
+from registry._shared import SharedState
 from registry._stream import RunStream
 from registry._subscriptions import SubscriptionsAPI
 from registry._table import RunTable
@@ -58,6 +62,7 @@ async def open_registry(
     *,
     agents: AgentRegistry | None = None,
     tools: ToolDispatcher | None = None,
+    shared: SharedState | None = None,
 ) -> AsyncIterator[AgentExecutionRegistry]:
     """Opens a registry whose runs and services live in a task group of this block.
 
@@ -69,10 +74,24 @@ async def open_registry(
         config: Timeouts and limits; ``Config()`` when omitted.
         agents: The agents runs may use; an empty :class:`AgentRegistry` when omitted.
         tools: The tools agents may call; an empty :class:`ToolDispatcher` when omitted.
+        shared: The state shared with the other nodes of a service; opened from
+            ``config.redis_url`` when omitted and set, else none (all state in memory).
     """
     config = config or Config()
+    async with AsyncExitStack() as stack:
+        if shared is None and config.redis_url is not None:
+            shared = await stack.enter_async_context(open_redis_state(config.redis_url))
+        reg = await stack.enter_async_context(_running(config, agents, tools, shared))
+        yield reg
+
+
+@asynccontextmanager
+async def _running(
+    config: Config, agents: AgentRegistry | None, tools: ToolDispatcher | None,
+    shared: SharedState | None,
+) -> AsyncIterator[AgentExecutionRegistry]:
     async with unwrapping_groups(), anyio.create_task_group() as tg:
-        reg = AgentExecutionRegistry(config, tg, Supervisor(agents, tools))
+        reg = AgentExecutionRegistry(config, tg, Supervisor(agents, tools), shared)
         await reg.start_services()
         OPEN.append(reg)
         try:
@@ -85,7 +104,8 @@ async def open_registry(
 
 
 @final
-class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
+class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
+                             MigrationPlanAPI):
     """The single source of truth for agent runs. Open it with :func:`open_registry`.
 
     Every run executes in its own cancel scope, so a cancel, an agent exception, a timeout,
@@ -93,8 +113,12 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
     and unregisters it.
     """
 
-    def __init__(self, config: Config, tg: anyio.abc.TaskGroup, supervisor: Supervisor) -> None:
+    def __init__(
+        self, config: Config, tg: anyio.abc.TaskGroup, supervisor: Supervisor,
+        shared: SharedState | None = None,
+    ) -> None:
         self.config = config
+        self.node_id = "node_" + secrets.token_hex(6)
         self.manager = WebSocketManager(config.max_connections_per_user)
         self.supervisor = supervisor
         self.agents = supervisor.agent_registry
@@ -110,11 +134,13 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
         self._idle.set()
         self._refused = 0
         self._window = DeliveryWindow(anyio.current_time())
+        self._init_cluster(shared)
 
     async def start_services(self) -> None:
-        """Starts retention expiry, the detached-run timer and the stale sweep."""
+        """Starts retention expiry, the detach timer, the stale sweep (and a node's services)."""
         for service in (self._retention.expiry.serve, self._detached.serve, self._sweep_service):
             await self._tg.start(service)
+        await self.start_cluster()
 
     # ================================================================ runs
     def start_run(
@@ -139,7 +165,7 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
             return existing, True
         self.agents.get(agent).validate(dict(context or {}))
         run = self._admit(user_id, request_id, agent, message, thread_id, context)
-        self._launch(run, self._agent_body(run), [subscriber] if subscriber else [])
+        self._launch_agent(run, subscriber)
         return run, False
 
     def cancel(self, run_id: str, user_id: str) -> bool:
@@ -160,11 +186,11 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
     # ============================================================ lifecycle
     def _admit(
         self, user_id: str, request_id: str, agent: str, message: str, thread_id: str | None,
-        options: Mapping[str, Any] | None,
+        options: Mapping[str, Any] | None, run_id: str | None = None,
     ) -> Run:
         """Creates and registers a run (after its capacity check)."""
         self._table.check_room(user_id)
-        run_id, now = secrets.token_hex(16), anyio.current_time()
+        run_id, now = run_id or secrets.token_hex(16), anyio.current_time()
         thread_id = thread_id if thread_id is not None else "thread_" + secrets.token_hex(8)
         run = Run(
             run_id=run_id, user_id=user_id, request_id=request_id, thread_id=thread_id,
@@ -177,6 +203,9 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
         if self._idle.is_set():
             self._idle = anyio.Event()
         return run
+
+    def _launch_agent(self, run: Run, subscriber: Connection | None) -> None:
+        self._launch(run, self._agent_body(run), [subscriber] if subscriber else [])
 
     def _launch(self, run: Run, body: Body, connections: Iterable[Connection]) -> None:
         for connection in connections:
@@ -249,14 +278,33 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
 
     # ============================================================= services
     def _maybe_detached(self, run: Run) -> None:
-        """Starts the detach timer of a run left with no subscribed connection."""
-        if run.is_active and not self.manager.has_subscribers(run.run_id):
+        """Starts the detach timer of a run left with no subscribed connection.
+
+        A mirror nobody here follows any more is dropped instead.
+        """
+        if self.manager.has_subscribers(run.run_id):
+            return
+        if run._mirror:
+            self.drop_mirror(run)
+        elif run.is_active:
             self._detached.push((run, run._detach_generation))
 
     def _detach_due(self, item: tuple[Run, int]) -> None:
-        """Cancels the run unless it was subscribed again since its timer started."""
+        """Cancels the run unless it was subscribed again since its timer started.
+
+        In a service, a socket on another node following the run counts too.
+        """
         run, generation = item
         if run._detach_generation == generation and not self.manager.has_subscribers(run.run_id):
+            if self._shared is None:
+                self._end(run, Trigger.DETACH)
+            else:
+                self._tg.start_soon(self._detach_unless_followed, run, generation)
+
+    async def _detach_unless_followed(self, run: Run, generation: int) -> None:
+        if await self.followed_elsewhere(run):
+            self._detached.push((run, run._detach_generation))
+        elif run._detach_generation == generation:
             self._end(run, Trigger.DETACH)
 
     async def _sweep_service(
@@ -275,11 +323,15 @@ class AgentExecutionRegistry(EmitAPI, SubscriptionsAPI, MigrationPlanAPI):
                 await run.done.wait()
 
     async def aclose_runs(self) -> None:
-        """Takes no new runs, cancels every active one and waits (bounded) until all ended."""
+        """Takes no new runs, cancels every active one and waits (bounded) until all ended.
+
+        A node of a service then writes what it owes the shared state and leaves it.
+        """
         self._table.closing = True
         await self._end_and_wait(list(self._table.active()), Trigger.SHUTDOWN)
         with anyio.move_on_after(self.config.shutdown_grace_s, shield=True):
             await self._idle.wait()
+        await self.leave_cluster()
 
     # ======================================================= introspection
     def statistics(self) -> RegistryStatistics:

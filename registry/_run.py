@@ -63,6 +63,8 @@ class Run:
     _lock: anyio.Lock | None = attrs.field(factory=anyio.Lock, alias="lock")
     #: True when the run's scope is a caller's block (``open_execution_context``).
     _in_block: bool = attrs.field(default=False, alias="in_block")
+    #: True for a mirror of a run another node runs (its scope is the mirror's tail).
+    _mirror: bool = attrs.field(default=False, alias="mirror")
     _detach_generation: int = attrs.field(default=0, alias="detach_generation")
     _emits_since_yield: int = attrs.field(default=0, alias="emits_since_yield")
 

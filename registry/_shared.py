@@ -120,6 +120,15 @@ class SharedState(Protocol):
         """Drops retained events with seq <= ``through_seq`` (acks, retention bounds)."""
         ...
 
+    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
+        """Says a socket on ``node_id`` follows the run for the next ``ttl_s`` seconds (so
+        the node that runs it does not end it as detached)."""
+        ...
+
+    async def followed(self, run_id: str) -> bool:
+        """Whether a socket on some node has said it follows the run, and not too long ago."""
+        ...
+
     # ---------------------------------------------------------- connections
     async def connect(self, user_id: str, conn_id: str, node_id: str, limit: int) -> bool:
         """Counts a connection of ``user_id`` across nodes; False when at ``limit``."""

@@ -86,6 +86,7 @@ class MemorySharedState:
         init=False, factory=dict
     )
     _wakeups: dict[str, anyio.Event] = attrs.field(init=False, factory=dict)
+    _follows: dict[str, float] = attrs.field(init=False, factory=dict)
 
     # ------------------------------------------------------------ admission
     async def admit(
@@ -290,6 +291,16 @@ class MemorySharedState:
     async def ping(self) -> None:
         """See :meth:`SharedState.ping`."""
         await self._enter()
+
+    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
+        """See :meth:`SharedState.follow`."""
+        await self._enter()
+        self._follows[run_id] = max(self._follows.get(run_id, 0.0), self.clock() + ttl_s)
+
+    async def followed(self, run_id: str) -> bool:
+        """See :meth:`SharedState.followed`."""
+        await self._enter()
+        return self._follows.get(run_id, float("-inf")) > self.clock()
 
     # ------------------------------------------------------------- internals
     async def _enter(self) -> None:

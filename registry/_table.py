@@ -138,6 +138,14 @@ class RunTable:
         self._active_per_user[run.user_id] += 1
         self.runs_started += 1
 
+    def add_mirror(self, run: Run) -> None:
+        """Records a mirror of another node's run: findable, counted nowhere."""
+        self._runs[run.run_id] = run
+
+    def drop_mirror(self, run: Run) -> None:
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+
     def complete(self, run: Run) -> list[Run]:
         """Moves an active run to the ended ones; returns the runs its user now has too many of.
 

@@ -1,0 +1,320 @@
+"""One node of a service: replication, leases, takeover of dead nodes, mirrors, the mailbox.
+
+A mixin of :class:`~registry.AgentExecutionRegistry`, active only with a shared state
+(``redis_url``). The node that runs a run records its events locally, then an outbox and
+one replicator task write them to the shared state in order. A socket here that resumes a
+run of another node follows a *mirror*: a local :class:`~registry.Run` whose stream a tail
+task fills from the shared log, so the sockets' path is the same for every run. Each node
+holds a lease; when one lapses, exactly one survivor claims the dead node and ends each of
+its runs after the last event recorded: every open tool ``error``, then ``agent_completed``
+``failed`` with ``error`` ``node_lost``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+
+from registry._events import encode_event, envelope_prefix
+from registry._lifecycle import Trigger
+from registry._outbox import Append, Finish, Operation, Outbox, Tools
+from registry._payloads import AgentCompleted, ToolCompleted
+from registry._run import Run
+from registry._shared import RunRecord, SharedState, SharedStateUnavailable
+from registry._stream import RunStream
+from registry._vocabulary import EventType
+
+if TYPE_CHECKING:
+    from registry._config import Config
+    from registry._delivery import Delivery
+    from registry._events import Event
+    from registry._manager import WebSocketManager
+    from registry._retention import Retention
+    from registry._table import RunTable
+
+__all__ = ["ClusterAPI", "closing_frames"]
+
+log = logging.getLogger("registry.cluster")
+
+#: The error of a run whose node died, as the contract names it.
+NODE_LOST: Final = "node_lost"
+#: How long one tail waits for events before it asks again.
+_TAIL_WAIT_S: Final = 5.0
+_RETRY_S: Final = (0.05, 2.0)  # first and longest pause before retrying the shared state
+
+
+def closing_frames(record: RunRecord, last_seq: int, ts: float) -> list[tuple[int, bytes]]:
+    """The events that end a dead node's run after its ``last_seq``: open tools, then the end."""
+    prefix = envelope_prefix(record.run_id, record.thread_id)
+    payloads: list[tuple[EventType, Mapping[str, Any]]] = [
+        (EventType.TOOL_COMPLETED, ToolCompleted(
+            tool, call_id, "error", error="the node running the run was lost").to_dict())
+        for call_id, tool in record.open_tools.items()]
+    payloads.append((EventType.AGENT_COMPLETED, AgentCompleted("failed", error=NODE_LOST)
+                     .to_dict()))
+    return [(last_seq + i, encode_event(prefix, kind, last_seq + i, ts, payload))
+            for i, (kind, payload) in enumerate(payloads, start=1)]
+
+
+class ClusterAPI(abc.ABC):
+    """Replication, leases, takeover, mirrors and the mailbox of one node."""
+
+    config: Config
+    manager: WebSocketManager
+    node_id: str
+    _shared: SharedState | None
+    _table: RunTable
+    _delivery: Delivery
+    _retention: Retention
+    _tg: anyio.abc.TaskGroup
+
+    @abc.abstractmethod
+    def cancel(self, run_id: str, user_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
+             from_inside: bool = False) -> bool: ...
+
+    def _init_cluster(self, shared: SharedState | None) -> None:
+        self._shared = shared
+        budget = max(int(self.config.max_retained_mib * 1024 * 1024) // 4, 1 << 20)
+        self._outbox = Outbox(max_operations=100_000, max_bytes=budget)
+        self._outbox_filled = anyio.Event()
+        self._outbox_drained = anyio.Event()
+        self._unreachable_since: float | None = None
+        self._trusted_since = anyio.current_time()
+
+    @property
+    def shared_reachable(self) -> bool:
+        """False while the shared state cannot be reached (readiness is degraded)."""
+        return self._unreachable_since is None
+
+    async def start_cluster(self) -> None:
+        """Starts the replicator, the heartbeat, the takeover watch and the mailbox."""
+        if self._shared is None:
+            return
+        for service in (self._replicator, self._heartbeat, self._takeover, self._mailbox):
+            await self._tg.start(service)
+
+    # ========================================================== replication
+    def _replicate(self, run: Run, events: list[Event]) -> None:
+        """Queues a local run's new events (and tool changes, and its end) for the shared state."""
+        if self._shared is None or run._mirror:
+            return
+        fits = self._outbox.push(Append(run.run_id, tuple(
+            (e.seq, run.stream.frame(e.seq)) for e in events)))
+        if any(e.type in (EventType.TOOL_EXECUTING, EventType.TOOL_COMPLETED) for e in events):
+            fits = self._outbox.push(Tools(run.run_id, run.stream.open_tools)) and fits
+        if run.stream.ended:
+            self._outbox.push(Finish(run.run_id, self.config.retention_s))
+        self._outbox_filled.set()
+        if not fits:
+            self._end(run, Trigger.FAIL, {
+                "status": "failed", "error": "the shared state is unreachable and this "
+                "node's buffer for it is full: the run was stopped"})
+
+    async def _replicator(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        pause = _RETRY_S[0]
+        while True:
+            if not len(self._outbox):
+                self._outbox_drained.set()
+                self._outbox_filled = anyio.Event()
+                await self._outbox_filled.wait()
+                self._outbox_drained = anyio.Event()
+            batch = self._outbox.take()
+            try:
+                await self._write(batch)
+            except SharedStateUnavailable:
+                self._outbox.give_back(batch)
+                await anyio.sleep(pause)
+                pause = min(pause * 2, _RETRY_S[1])
+            else:
+                pause = _RETRY_S[0]
+
+    async def _write(self, batch: list[Operation]) -> None:
+        assert self._shared is not None
+        for operation in batch:
+            if isinstance(operation, Append):
+                await self._shared.append(operation.run_id, operation.entries)
+            elif isinstance(operation, Tools):
+                await self._shared.set_open_tools(operation.run_id, operation.open_tools)
+            else:
+                await self._shared.finish(operation.run_id, retention_s=operation.retention_s)
+
+    async def drain_outbox(self) -> None:
+        """Waits until what this node owes the shared state is written (bounded by the caller)."""
+        while len(self._outbox) and self._shared is not None:
+            await self._outbox_drained.wait()
+
+    # ====================================================== leases, takeover
+    async def _heartbeat(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._beat()
+            await anyio.sleep(self.config.node_lease_s / 3)
+
+    async def _beat(self) -> None:
+        assert self._shared is not None
+        try:
+            await self._shared.heartbeat(self.node_id, self.config.node_lease_s)
+        except SharedStateUnavailable:
+            if self._unreachable_since is None:
+                log.warning("shared state unreachable: degraded until it answers again")
+                self._unreachable_since = anyio.current_time()
+            return
+        if self._unreachable_since is not None:
+            log.warning("shared state reachable again")
+            self._unreachable_since = None
+            self._trusted_since = anyio.current_time()
+
+    async def _takeover(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Ends the runs of nodes whose lease lapsed (after a lease of being reachable)."""
+        task_status.started()
+        while True:
+            await anyio.sleep(self.config.node_lease_s / 2)
+            settled = anyio.current_time() - self._trusted_since >= self.config.node_lease_s
+            if self.shared_reachable and settled:
+                try:
+                    await self._take_over_dead_nodes()
+                except SharedStateUnavailable:
+                    continue
+
+    async def _take_over_dead_nodes(self) -> None:
+        assert self._shared is not None
+        for node in await self._shared.dead_nodes():
+            if node != self.node_id and await self._shared.claim(node, self.node_id):
+                log.warning("node %s is lost: ending its runs", node)
+                for run_id in await self._shared.node_runs(node):
+                    await self._end_orphan(run_id)
+                await self._shared.forget_node(node)
+
+    async def _end_orphan(self, run_id: str) -> None:
+        """Appends the closing events of a lost node's run after its last recorded one."""
+        assert self._shared is not None
+        record = await self._shared.record(run_id)
+        if record is None or record.ended:
+            return
+        trimmed, entries = await self._shared.read(run_id, 0)
+        last_seq = entries[-1][0] if entries else trimmed
+        await self._shared.append(run_id, closing_frames(record, last_seq, time.time()))
+        await self._shared.finish(run_id, retention_s=self.config.retention_s)
+
+    async def leave_cluster(self) -> None:
+        """A clean exit: what this node owes is written, then it is forgotten."""
+        if self._shared is None:
+            return
+        with anyio.move_on_after(self.config.shutdown_grace_s, shield=True):
+            await self.drain_outbox()
+            await self._shared.forget_node(self.node_id)
+
+    # ================================================================ mailbox
+    async def _mailbox(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs the commands other nodes route here (a cancel of a run this node runs)."""
+        assert self._shared is not None
+        while True:
+            try:
+                async with self._shared.mailbox(self.node_id) as messages:
+                    task_status.started()
+                    task_status = anyio.TASK_STATUS_IGNORED
+                    async for message in messages:
+                        self._command(message)
+            except SharedStateUnavailable:
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
+                await anyio.sleep(_RETRY_S[1])
+
+    def _command(self, message: bytes) -> None:
+        try:
+            command = json.loads(message)
+            if command.get("type") == "cancel":
+                self.cancel(str(command["run_id"]), str(command["user_id"]))
+        except Exception:  # a bad message must not stop the mailbox
+            log.warning("bad mailbox message %r", message[:200], exc_info=True)
+
+    async def route_cancel(self, record: RunRecord) -> None:
+        """Asks the node that runs ``record`` to cancel it."""
+        assert self._shared is not None
+        message = {"type": "cancel", "run_id": record.run_id, "user_id": record.user_id}
+        await self._shared.send(record.node_id, json.dumps(message).encode())
+
+    # ================================================================ mirrors
+    async def mirror(self, record: RunRecord) -> Run:
+        """A local mirror of another node's run, filled from the shared log while followed."""
+        assert self._shared is not None
+        trimmed, entries = await self._shared.read(record.run_id, 0)
+        existing = self._table.lookup(record.run_id)
+        if existing is not None:  # another resume made it meanwhile
+            return existing
+        stream = RunStream(record.run_id, record.thread_id, record.agent,
+                           self.config.max_retained_events_per_run, self._retention.held)
+        stream.start_after(trimmed)
+        stream.extend(entries)
+        run = Run(run_id=record.run_id, user_id=record.user_id, agent=record.agent,
+                  request_id=record.request_id, thread_id=record.thread_id, stream=stream,
+                  created_at=anyio.current_time(), scope=anyio.CancelScope(), mirror=True)
+        self._table.add_mirror(run)
+        if not stream.ended:
+            self._tg.start_soon(self._tail, run, name=f"mirror {run.run_id}")
+        return run
+
+    async def followed_elsewhere(self, run: Run) -> bool:
+        """Whether a socket on another node follows ``run`` (unknown: assume it does)."""
+        assert self._shared is not None
+        try:
+            return await self._shared.followed(run.run_id)
+        except SharedStateUnavailable:
+            return True
+
+    async def _tail(self, run: Run) -> None:
+        """Appends the shared log's new events to a mirror until it ends or is dropped."""
+        assert run._scope is not None
+        with run._scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._say_followed, run)
+                await self._tail_events(run)
+                tg.cancel_scope.cancel()
+
+    async def _say_followed(self, run: Run) -> None:
+        """Tells the run's node, while this mirror lives, that a socket here follows it."""
+        assert self._shared is not None
+        every = min(self.config.detached_run_timeout_s / 3, _TAIL_WAIT_S)
+        while True:
+            with contextlib.suppress(SharedStateUnavailable):
+                await self._shared.follow(run.run_id, self.node_id, 3 * every)
+            await anyio.sleep(every)
+
+    async def _tail_events(self, run: Run) -> None:
+        assert self._shared is not None
+        while not run.stream.ended:
+            try:
+                entries = await self._shared.tail(run.run_id, run.last_seq, _TAIL_WAIT_S)
+            except SharedStateUnavailable:
+                await anyio.sleep(_RETRY_S[1])
+                continue
+            events = run.stream.extend(entries)
+            if events:
+                await self._delivery.relay(run, events)
+
+    def drop_mirror(self, run: Run) -> None:
+        """Forgets a mirror nobody here follows any more (a later resume reads it again)."""
+        if run._scope is not None:
+            run._scope.cancel()
+        self._table.drop_mirror(run)
+        self._retention.held.bytes -= run.stream.held_bytes
