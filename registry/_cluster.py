@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -25,18 +25,19 @@ import anyio.abc
 
 from registry._events import encode_event, envelope_prefix
 from registry._lifecycle import Trigger
+from registry._outbound import CLOSE_OVERFLOW
 from registry._outbox import Append, Finish, Operation, Outbox, Tools
 from registry._payloads import AgentCompleted, ToolCompleted
 from registry._run import Run
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
-from registry._stream import RunStream
+from registry._stream import RunStream, StreamError
 from registry._vocabulary import EventType
 
 if TYPE_CHECKING:
     from registry._config import Config
     from registry._delivery import Delivery
     from registry._events import Event
-    from registry._manager import WebSocketManager
+    from registry._manager import Connection, WebSocketManager
     from registry._retention import Retention
     from registry._table import RunTable
 
@@ -48,7 +49,12 @@ log = logging.getLogger("registry.cluster")
 NODE_LOST: Final = "node_lost"
 #: How long one tail waits for events before it asks again.
 _TAIL_WAIT_S: Final = 5.0
+#: How long a resume on another node waits for events still being replicated.
+_CATCH_UP_S: Final = 2.0
 _RETRY_S: Final = (0.05, 2.0)  # first and longest pause before retrying the shared state
+#: A lease lasts this share of node_lease_s, so that a survivor that checks every eighth
+#: of it ends a dead node's runs within node_lease_s.
+_LEASE_SHARE: Final = 0.5
 
 
 def closing_frames(record: RunRecord, last_seq: int, ts: float) -> list[tuple[int, bytes]]:
@@ -79,6 +85,8 @@ class ClusterAPI(abc.ABC):
     @abc.abstractmethod
     def cancel(self, run_id: str, user_id: str) -> bool: ...
 
+    disconnect: Callable[[Connection], None]
+
     @abc.abstractmethod
     def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
              from_inside: bool = False) -> bool: ...
@@ -88,14 +96,22 @@ class ClusterAPI(abc.ABC):
         budget = max(int(self.config.max_retained_mib * 1024 * 1024) // 4, 1 << 20)
         self._outbox = Outbox(max_operations=100_000, max_bytes=budget)
         self._outbox_filled = anyio.Event()
-        self._outbox_drained = anyio.Event()
+        self._progress = anyio.Event()  # set (and replaced) after each batch written
+        self._write_lock = anyio.Lock()  # batches are written one at a time, in order
+        self._pushed = self._written = 0  # operations ever queued / written
         self._unreachable_since: float | None = None
         self._trusted_since = anyio.current_time()
+        self._mirror_moved: dict[str, anyio.Event] = {}
 
     @property
     def shared_reachable(self) -> bool:
         """False while the shared state cannot be reached (readiness is degraded)."""
         return self._unreachable_since is None
+
+    def _unreachable(self) -> None:
+        if self._unreachable_since is None:
+            log.warning("shared state unreachable: degraded until it answers again")
+            self._unreachable_since = anyio.current_time()
 
     async def start_cluster(self) -> None:
         """Starts the replicator, the heartbeat, the takeover watch and the mailbox."""
@@ -105,21 +121,41 @@ class ClusterAPI(abc.ABC):
             await self._tg.start(service)
 
     # ========================================================== replication
-    def _replicate(self, run: Run, events: list[Event]) -> None:
-        """Queues a local run's new events (and tool changes, and its end) for the shared state."""
+    def _owe(self, operation: Operation) -> bool:
+        """Queues an operation for the shared state; False once the outbox is past its bound."""
+        self._pushed += 1
+        self._outbox_filled.set()
+        return self._outbox.push(operation)
+
+    def _replicate(self, run: Run, events: list[Event]) -> int:
+        """Queues a local run's new events (tool changes, its end) for the shared state.
+
+        Returns:
+            The number of the last operation queued (0 without a shared state).
+        """
         if self._shared is None or run._mirror:
-            return
-        fits = self._outbox.push(Append(run.run_id, tuple(
+            return 0
+        fits = self._owe(Append(run.run_id, tuple(
             (e.seq, run.stream.frame(e.seq)) for e in events)))
         if any(e.type in (EventType.TOOL_EXECUTING, EventType.TOOL_COMPLETED) for e in events):
-            fits = self._outbox.push(Tools(run.run_id, run.stream.open_tools)) and fits
+            fits = self._owe(Tools(run.run_id, run.stream.open_tools)) and fits
         if run.stream.ended:
-            self._outbox.push(Finish(run.run_id, self.config.retention_s))
-        self._outbox_filled.set()
+            self._owe(Finish(run.run_id, self.config.retention_s))
         if not fits:
             self._end(run, Trigger.FAIL, {
                 "status": "failed", "error": "the shared state is unreachable and this "
                 "node's buffer for it is full: the run was stopped"})
+        return self._pushed
+
+    async def _confirm(self, number: int) -> None:
+        """Waits (briefly: an outage does not hold a run's end) until operation ``number``
+        is written, so that a run's slot is free across nodes before its client learns
+        that it ended."""
+        if not number:
+            return
+        with anyio.move_on_after(min(1.0, self.config.node_lease_s / 4)):
+            while self._written < number:
+                await self._progress.wait()
 
     async def _replicator(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -128,19 +164,29 @@ class ClusterAPI(abc.ABC):
         pause = _RETRY_S[0]
         while True:
             if not len(self._outbox):
-                self._outbox_drained.set()
                 self._outbox_filled = anyio.Event()
                 await self._outbox_filled.wait()
-                self._outbox_drained = anyio.Event()
-            batch = self._outbox.take()
             try:
-                await self._write(batch)
+                await self._write_some()
             except SharedStateUnavailable:
-                self._outbox.give_back(batch)
+                self._unreachable()
                 await anyio.sleep(pause)
                 pause = min(pause * 2, _RETRY_S[1])
             else:
                 pause = _RETRY_S[0]
+
+    async def _write_some(self) -> None:
+        """Writes the oldest batch; on failure (or cancellation) it goes back in front."""
+        async with self._write_lock:
+            batch = self._outbox.take()
+            try:
+                await self._write(batch)
+            except BaseException:
+                self._outbox.give_back(batch)
+                raise
+            self._written += len(batch)
+            self._progress.set()
+            self._progress = anyio.Event()
 
     async def _write(self, batch: list[Operation]) -> None:
         assert self._shared is not None
@@ -149,13 +195,22 @@ class ClusterAPI(abc.ABC):
                 await self._shared.append(operation.run_id, operation.entries)
             elif isinstance(operation, Tools):
                 await self._shared.set_open_tools(operation.run_id, operation.open_tools)
-            else:
+            elif isinstance(operation, Finish):
                 await self._shared.finish(operation.run_id, retention_s=operation.retention_s)
+            else:
+                await self._shared.disconnect(operation.user_id, operation.conn_id)
+
+    async def shared_written(self) -> None:
+        """Waits until everything queued for the shared state so far has been written."""
+        target = self._pushed
+        while self._written < target and self._shared is not None:
+            await self._progress.wait()
 
     async def drain_outbox(self) -> None:
-        """Waits until what this node owes the shared state is written (bounded by the caller)."""
+        """Writes everything this node owes the shared state (itself: the replicator may be
+        gone at exit). Raises SharedStateUnavailable when it cannot."""
         while len(self._outbox) and self._shared is not None:
-            await self._outbox_drained.wait()
+            await self._write_some()
 
     # ====================================================== leases, takeover
     async def _heartbeat(
@@ -164,16 +219,14 @@ class ClusterAPI(abc.ABC):
         task_status.started()
         while True:
             await self._beat()
-            await anyio.sleep(self.config.node_lease_s / 3)
+            await anyio.sleep(self.config.node_lease_s * _LEASE_SHARE / 3)
 
     async def _beat(self) -> None:
         assert self._shared is not None
         try:
-            await self._shared.heartbeat(self.node_id, self.config.node_lease_s)
+            await self._shared.heartbeat(self.node_id, self.config.node_lease_s * _LEASE_SHARE)
         except SharedStateUnavailable:
-            if self._unreachable_since is None:
-                log.warning("shared state unreachable: degraded until it answers again")
-                self._unreachable_since = anyio.current_time()
+            self._unreachable()
             return
         if self._unreachable_since is not None:
             log.warning("shared state reachable again")
@@ -186,7 +239,7 @@ class ClusterAPI(abc.ABC):
         """Ends the runs of nodes whose lease lapsed (after a lease of being reachable)."""
         task_status.started()
         while True:
-            await anyio.sleep(self.config.node_lease_s / 2)
+            await anyio.sleep(self.config.node_lease_s / 8)
             settled = anyio.current_time() - self._trusted_since >= self.config.node_lease_s
             if self.shared_reachable and settled:
                 try:
@@ -215,12 +268,19 @@ class ClusterAPI(abc.ABC):
         await self._shared.finish(run_id, retention_s=self.config.retention_s)
 
     async def leave_cluster(self) -> None:
-        """A clean exit: what this node owes is written, then it is forgotten."""
+        """A clean exit: what this node owes is written, then it is forgotten.
+
+        Bounded by ``shutdown_grace_s``; if the shared state cannot be reached, the node is
+        simply gone, and a survivor ends what it left as for any lost node.
+        """
         if self._shared is None:
             return
         with anyio.move_on_after(self.config.shutdown_grace_s, shield=True):
-            await self.drain_outbox()
-            await self._shared.forget_node(self.node_id)
+            try:
+                await self.drain_outbox()
+                await self._shared.forget_node(self.node_id)
+            except SharedStateUnavailable:
+                log.warning("left without writing to the unreachable shared state")
 
     # ================================================================ mailbox
     async def _mailbox(
@@ -278,7 +338,7 @@ class ClusterAPI(abc.ABC):
         """Whether a socket on another node follows ``run`` (unknown: assume it does)."""
         assert self._shared is not None
         try:
-            return await self._shared.followed(run.run_id)
+            return bool(await self._shared.followers(run.run_id))
         except SharedStateUnavailable:
             return True
 
@@ -296,8 +356,10 @@ class ClusterAPI(abc.ABC):
         assert self._shared is not None
         every = min(self.config.detached_run_timeout_s / 3, _TAIL_WAIT_S)
         while True:
+            through = min((q.sent_through(run.run_id) for q in self.manager.queues(run.run_id)),
+                          default=run.stream.trimmed_through)
             with contextlib.suppress(SharedStateUnavailable):
-                await self._shared.follow(run.run_id, self.node_id, 3 * every)
+                await self._shared.follow(run.run_id, self.node_id, 3 * every, through)
             await anyio.sleep(every)
 
     async def _tail_events(self, run: Run) -> None:
@@ -308,12 +370,33 @@ class ClusterAPI(abc.ABC):
             except SharedStateUnavailable:
                 await anyio.sleep(_RETRY_S[1])
                 continue
-            events = run.stream.extend(entries)
+            try:
+                events = run.stream.extend(entries)
+            except StreamError:
+                self._fell_behind(run)
+                return
+            self._mirror_moved.pop(run.run_id, anyio.Event()).set()
             if events:
                 await self._delivery.relay(run, events)
 
+    def _fell_behind(self, run: Run) -> None:
+        """The shared log was trimmed past this mirror (an ack elsewhere): its sockets are
+        closed like slow readers (4008; a resume tells them what is still there)."""
+        for queue in self.manager.queues(run.run_id):
+            queue.close(CLOSE_OVERFLOW, "fell behind the retained events; resume")
+            self.disconnect(queue)
+        self.drop_mirror(run)
+
+    async def caught_up(self, run: Run, seq: int) -> None:
+        """Waits (briefly) until a mirror holds ``seq``: another node's socket may hold
+        events that are still on their way to the shared state."""
+        with anyio.move_on_after(_CATCH_UP_S):
+            while run._mirror and run.last_seq < seq and not run.stream.ended:
+                await self._mirror_moved.setdefault(run.run_id, anyio.Event()).wait()
+
     def drop_mirror(self, run: Run) -> None:
         """Forgets a mirror nobody here follows any more (a later resume reads it again)."""
+        self._mirror_moved.pop(run.run_id, anyio.Event()).set()
         if run._scope is not None:
             run._scope.cancel()
         self._table.drop_mirror(run)

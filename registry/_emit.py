@@ -20,6 +20,7 @@ from registry._health import failure
 from registry._lifecycle import Trigger
 from registry._payloads import Payload, payload_to_dict, validate_payload
 from registry._stream import StreamError
+from registry._timers import Pacer
 from registry._vocabulary import EventType, EventTypeName
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class EmitAPI(abc.ABC):
     _delivery: Delivery
     _retention: Retention
     _refused: int
+    pacer: Pacer
 
     @abc.abstractmethod
     def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
@@ -55,7 +57,10 @@ class EmitAPI(abc.ABC):
     async def _complete(self, run: Run) -> None: ...
 
     @abc.abstractmethod
-    def _replicate(self, run: Run, events: list[Event]) -> None: ...
+    def _replicate(self, run: Run, events: list[Event]) -> int: ...
+
+    @abc.abstractmethod
+    async def _confirm(self, number: int) -> None: ...
 
     def agent_context(self, run: Run, tools: ToolDispatcher | None = None) -> AgentContext:
         """The handle an agent gets for ``run``: its emit, its tools, its failure texts."""
@@ -66,7 +71,8 @@ class EmitAPI(abc.ABC):
         def describe(exc: BaseException, what: str) -> dict[str, str]:
             return self.describe_failure(run, exc, what)
 
-        return AgentContext(run, emit, tools or self.supervisor.tool_dispatcher, describe)
+        return AgentContext(run, emit, tools or self.supervisor.tool_dispatcher, describe,
+                            self.pacer.sleep)
 
     def describe_failure(self, run: Run, exc: BaseException, what: str) -> dict[str, str]:
         """The ``error`` and ``error_id`` a failed agent or tool shows (see ``failure``)."""
@@ -120,8 +126,12 @@ class EmitAPI(abc.ABC):
         log.warning("event refused run_id=%s user_id=%s: %s", run.run_id, run.user_id, exc)
         return False
 
-    async def _deliver(self, run: Run, events: list[Event]) -> bool:
-        self._replicate(run, events)
+    async def _deliver(self, run: Run, events: list[Event], *, confirm: bool = False) -> bool:
+        """Replicates (in a service) and delivers new events; ``confirm`` first waits until
+        the shared state has them (a run's end: its slot is free before its client hears)."""
+        written = self._replicate(run, events)
+        if confirm:
+            await self._confirm(written)
         ok = await self._delivery.deliver(run, events)
         if self._retention.over_budget():
             self._retention.within_budget(run)

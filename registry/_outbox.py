@@ -16,7 +16,7 @@ from typing import Final, final
 
 import attrs
 
-__all__ = ["Append", "Finish", "Operation", "Outbox", "Tools"]
+__all__ = ["Append", "Disconnect", "Finish", "Operation", "Outbox", "Tools"]
 
 #: How many operations one write takes at most.
 BATCH: Final = 256
@@ -57,7 +57,19 @@ class Finish:
     size = 0
 
 
-Operation = Append | Tools | Finish
+@final
+@attrs.frozen
+class Disconnect:
+    """A connection closed: it no longer counts against its user's limit."""
+
+    user_id: str
+    conn_id: str
+
+    run_id = ""
+    size = 0
+
+
+Operation = Append | Tools | Finish | Disconnect
 
 
 @final
@@ -97,4 +109,4 @@ class Outbox:
 
     def runs(self) -> set[str]:
         """The runs with operations waiting."""
-        return {op.run_id for op in self._waiting}
+        return {op.run_id for op in self._waiting if op.run_id}

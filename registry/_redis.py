@@ -443,15 +443,31 @@ class RedisSharedState:
         )
 
     # ---------------------------------------------------------------- nodes
-    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
-        """See :meth:`SharedState.follow`: ``SET P follow:{run_id} node PX ttl``."""
+    async def follow(self, run_id: str, node_id: str, ttl_s: float, through: int) -> None:
+        """See :meth:`SharedState.follow`: ``HSET P follow:{run_id} node "through until_ms"``
+        (the hash expires with its newest entry)."""
         with self._guard():
-            await self._client.set(self._key("follow:", run_id), node_id, px=_ms(ttl_s))
+            now_ms = await self._now_ms()
+            key = self._key("follow:", run_id)
+            await self._client.hset(key, {node_id: f"{through} {now_ms + _ms(ttl_s)}"})
+            await self._client.pexpire(key, _ms(ttl_s))
 
-    async def followed(self, run_id: str) -> bool:
-        """See :meth:`SharedState.followed`."""
+    async def followers(self, run_id: str) -> dict[str, int]:
+        """See :meth:`SharedState.followers`."""
         with self._guard():
-            return bool(await self._client.exists([self._key("follow:", run_id)]))
+            now_ms = await self._now_ms()
+            entries = await self._client.hgetall(self._key("follow:", run_id))
+        out = {}
+        for node, value in entries.items():
+            through, until = value.decode().split()
+            if int(until) > now_ms:
+                out[node.decode()] = int(through)
+        return out
+
+    async def _now_ms(self) -> int:
+        """Redis's clock (every node compares expiries on the same one)."""
+        now = await self._client.time()
+        return int(now.timestamp() * 1000)
 
     async def heartbeat(self, node_id: str, lease_s: float) -> None:
         """See :meth:`SharedState.heartbeat`."""

@@ -39,7 +39,7 @@ from registry._shared import SharedState
 from registry._stream import RunStream
 from registry._subscriptions import SubscriptionsAPI
 from registry._table import RunTable
-from registry._timers import DeadlineQueue
+from registry._timers import DeadlineQueue, Pacer
 from registry._util import unwrapping_groups
 
 __all__ = ["AgentExecutionRegistry", "open_registry"]
@@ -130,6 +130,7 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
         self._delivery = Delivery(config, self.manager, self._maybe_detached, self.disconnect)
         self._retention = Retention(config, self._table, self.manager)
         self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
+        self.pacer = Pacer()
         self._idle = anyio.Event()
         self._idle.set()
         self._refused = 0
@@ -138,7 +139,8 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
 
     async def start_services(self) -> None:
         """Starts retention expiry, the detach timer, the stale sweep (and a node's services)."""
-        for service in (self._retention.expiry.serve, self._detached.serve, self._sweep_service):
+        for service in (self._retention.expiry.serve, self._detached.serve, self._sweep_service,
+                        self.pacer.serve):
             await self._tg.start(service)
         await self.start_cluster()
 
@@ -266,7 +268,7 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
             return
         try:
             events = run.stream.finish(run.final_payload, time.time())
-            await self._deliver(run, events)
+            await self._deliver(run, events, confirm=True)
         finally:
             run.lifecycle.fire(Trigger.COMPLETE)
             run.ended_at = anyio.current_time()
@@ -343,9 +345,16 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
         """``unhealthy`` when closing; ``degraded`` near capacity or when deliveries fail.
 
         Delivery failures count over the last 60 s, so health recovers; refused events
-        (programming errors) are not delivery failures.
+        (programming errors) are not delivery failures. A node of a service is degraded
+        while its shared state cannot be reached.
         """
-        return judge(self._table, self._delivery.counts, self._window, anyio.current_time())
+        now = anyio.current_time()
+        health = judge(self._table, self._delivery.counts, self._window, now)
+        if self._unreachable_since is None or health.status == "unhealthy":
+            return health
+        since = now - self._unreachable_since
+        reason = f"the service's shared state (Redis) is unreachable for {since:.0f} s"
+        return Health("degraded", (*health.reasons, reason))
 
 
 def _failed(failure: Mapping[str, str]) -> dict[str, Any]:

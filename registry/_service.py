@@ -23,13 +23,14 @@ from registry._errors import (
     quote,
 )
 from registry._outbound import OutboundQueue
+from registry._outbox import Disconnect, Operation
+from registry._run import Run
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
 
 if TYPE_CHECKING:
     from registry._agents import AgentRegistry
     from registry._config import Config
     from registry._manager import Connection, WebSocketManager
-    from registry._run import Run
     from registry._table import RunTable
 
 __all__ = ["RunIds", "ServiceAPI"]
@@ -91,6 +92,18 @@ class ServiceAPI(abc.ABC):
     @abc.abstractmethod
     async def route_cancel(self, record: RunRecord) -> None: ...
 
+    @abc.abstractmethod
+    async def caught_up(self, run: Run, seq: int) -> None: ...
+
+    @abc.abstractmethod
+    def drop_mirror(self, run: Run) -> None: ...
+
+    @abc.abstractmethod
+    def _unreachable(self) -> None: ...
+
+    @abc.abstractmethod
+    def _owe(self, operation: Operation) -> bool: ...
+
     # ================================================================= runs
     async def on_start_agent(
         self, *, user_id: str, request_id: str, agent: str, message: str,
@@ -133,6 +146,7 @@ class ServiceAPI(abc.ABC):
                 record, max_active_runs_per_user=self.config.max_active_runs_per_user,
                 max_active_runs=self.config.max_active_runs, dedup_ttl_s=ttl)
         except SharedStateUnavailable:
+            self._unreachable()
             raise Overloaded("the service's shared state is unreachable") from None
 
     async def _find(self, run_id: str, user_id: str) -> Run | RunRecord:
@@ -142,8 +156,9 @@ class ServiceAPI(abc.ABC):
             return self._table.get(run_id, user_id)
         try:
             record = await self._shared.record(run_id)
-        except SharedStateUnavailable:
-            record = None
+        except SharedStateUnavailable:  # maybe a live run: retry later, it is not gone
+            self._unreachable()
+            raise Overloaded("the service's shared state is unreachable") from None
         if record is None or record.user_id != user_id:
             raise RunNotFound(f"no run {quote(run_id)}")
         return record
@@ -153,14 +168,21 @@ class ServiceAPI(abc.ABC):
     ) -> None:
         """``resume``: on any node; a run of another node is followed through a mirror."""
         found = await self._find(run_id, user_id)
-        if isinstance(found, RunRecord):
-            if self.config.delivery_mode == "direct":
-                raise ResumeUnavailable("delivery_mode is direct: runs are not retained")
-            try:
-                await self.mirror(found)
-            except SharedStateUnavailable:
-                raise RunNotFound(f"no run {quote(run_id)}") from None
-        self.resume(run_id, user_id, after_seq, connection)
+        if not isinstance(found, RunRecord):
+            self.resume(run_id, user_id, after_seq, connection)
+            return
+        if self.config.delivery_mode == "direct":
+            raise ResumeUnavailable("delivery_mode is direct: runs are not retained")
+        try:
+            run = await self.mirror(found)
+        except SharedStateUnavailable:
+            raise Overloaded("the service's shared state is unreachable") from None
+        await self.caught_up(run, after_seq)
+        try:
+            self.resume(run_id, user_id, after_seq, connection)
+        finally:
+            if run._mirror and not self.manager.has_subscribers(run_id):
+                self.drop_mirror(run)
 
     async def on_ack(self, run_id: str, user_id: str, seq: int) -> None:
         """``ack``: trims here, and the shared log too."""
@@ -171,13 +193,17 @@ class ServiceAPI(abc.ABC):
             await self._trim_shared(run_id, seq, found)
 
     async def _trim_shared(self, run_id: str, seq: int, found: Run | RunRecord) -> None:
+        """Trims the shared log, but never past what a socket on any node still needs."""
         assert self._shared is not None
         try:
             if isinstance(found, RunRecord):
                 trimmed, entries = await self._shared.read(run_id, max(seq - 1, 0))
                 if seq > max([trimmed, *(s for s, _ in entries)]):
                     raise InvalidField("seq", f"seq {quote(seq)} is beyond the last event")
-            await self._shared.trim(run_id, seq)
+            floor = found.stream.trimmed_through if isinstance(found, Run) else seq
+            followers = await self._shared.followers(run_id)
+            floor = min(floor, seq, *(t for n, t in followers.items() if n != self.node_id))
+            await self._shared.trim(run_id, floor)
         except SharedStateUnavailable:
             return  # the shared log keeps more for a while; nothing is lost
 
@@ -220,12 +246,8 @@ class ServiceAPI(abc.ABC):
             self.disconnect(connection)
             raise TooManyConnections("the user has too many connections")
 
-    async def on_disconnect(self, connection: Connection) -> None:
-        """A closed connection: forgotten here, and uncounted across nodes."""
+    def on_disconnect(self, connection: Connection) -> None:
+        """A closed connection: forgotten here, and (in order, soon) across nodes."""
         self.disconnect(connection)
-        if self._shared is None or not isinstance(connection, OutboundQueue):
-            return
-        try:
-            await self._shared.disconnect(connection.user_id, connection.conn_id)
-        except SharedStateUnavailable:
-            return  # counted until this node's connections are cleaned up with it
+        if self._shared is not None and isinstance(connection, OutboundQueue):
+            self._owe(Disconnect(connection.user_id, connection.conn_id))

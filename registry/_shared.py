@@ -120,13 +120,14 @@ class SharedState(Protocol):
         """Drops retained events with seq <= ``through_seq`` (acks, retention bounds)."""
         ...
 
-    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
-        """Says a socket on ``node_id`` follows the run for the next ``ttl_s`` seconds (so
-        the node that runs it does not end it as detached)."""
+    async def follow(self, run_id: str, node_id: str, ttl_s: float, through: int) -> None:
+        """Says sockets on ``node_id`` follow the run for the next ``ttl_s`` seconds, and
+        have been sent every event up to ``through`` (so the node that runs it does not end
+        it as detached, and an ack elsewhere does not trim what they still need)."""
         ...
 
-    async def followed(self, run_id: str) -> bool:
-        """Whether a socket on some node has said it follows the run, and not too long ago."""
+    async def followers(self, run_id: str) -> dict[str, int]:
+        """The nodes whose sockets follow the run (not expired): node_id -> ``through``."""
         ...
 
     # ---------------------------------------------------------- connections

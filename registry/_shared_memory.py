@@ -86,7 +86,7 @@ class MemorySharedState:
         init=False, factory=dict
     )
     _wakeups: dict[str, anyio.Event] = attrs.field(init=False, factory=dict)
-    _follows: dict[str, float] = attrs.field(init=False, factory=dict)
+    _follows: dict[str, dict[str, tuple[int, float]]] = attrs.field(init=False, factory=dict)
 
     # ------------------------------------------------------------ admission
     async def admit(
@@ -292,15 +292,17 @@ class MemorySharedState:
         """See :meth:`SharedState.ping`."""
         await self._enter()
 
-    async def follow(self, run_id: str, node_id: str, ttl_s: float) -> None:
+    async def follow(self, run_id: str, node_id: str, ttl_s: float, through: int) -> None:
         """See :meth:`SharedState.follow`."""
         await self._enter()
-        self._follows[run_id] = max(self._follows.get(run_id, 0.0), self.clock() + ttl_s)
+        self._follows.setdefault(run_id, {})[node_id] = (through, self.clock() + ttl_s)
 
-    async def followed(self, run_id: str) -> bool:
-        """See :meth:`SharedState.followed`."""
+    async def followers(self, run_id: str) -> dict[str, int]:
+        """See :meth:`SharedState.followers`."""
         await self._enter()
-        return self._follows.get(run_id, float("-inf")) > self.clock()
+        now = self.clock()
+        return {node: through for node, (through, until) in self._follows.get(run_id, {}).items()
+                if until > now}
 
     # ------------------------------------------------------------- internals
     async def _enter(self) -> None:

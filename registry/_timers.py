@@ -7,12 +7,14 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar, final
+from typing import Any, Generic, TypeVar, final
 
 import anyio
 import anyio.abc
+import sniffio
+import trio
 
-__all__ = ["DeadlineQueue", "TimerHeap"]
+__all__ = ["DeadlineQueue", "Pacer", "TimerHeap"]
 
 T = TypeVar("T")
 
@@ -90,3 +92,60 @@ class TimerHeap(Generic[T]):
                     await self._wake.wait()
                 continue
             self.on_due(heapq.heappop(self._heap)[2])
+
+
+@final
+class Pacer:
+    """Many tasks' sleeps for the price of one timer: what agents pace their events with.
+
+    A ``trio.sleep`` arms a cancel scope with a deadline for every call, and expiring it
+    re-computes cancel status; with thousands of runs each sleeping between events, that
+    is most of the server's CPU. Here a sleeping task parks in the lot of its deadline,
+    rounded up to ``resolution``, and one service task wakes each lot when it is due: a
+    sleep costs a park and an unpark. It is a cancellation point like any sleep. Under a
+    backend other than trio it is ``anyio.sleep``.
+
+    Args:
+        resolution: Deadlines are rounded up to a multiple of this (seconds).
+    """
+
+    def __init__(self, resolution: float = 0.002) -> None:
+        self.resolution = resolution
+        self._lots: dict[int, Any] = {}
+        self._ticks: list[int] = []
+        self._wake = anyio.Event()
+        self._serving = False
+
+    async def sleep(self, seconds: float) -> None:
+        """Waits at least ``seconds`` (at most ``resolution`` more)."""
+        if not self._serving or seconds <= 0:
+            await anyio.sleep(seconds)
+            return
+        tick = math.ceil((anyio.current_time() + seconds) / self.resolution)
+        lot = self._lots.get(tick)
+        if lot is None:
+            lot = self._lots[tick] = trio.lowlevel.ParkingLot()
+            heapq.heappush(self._ticks, tick)
+            if self._ticks[0] == tick:
+                self._wake.set()
+        await lot.park()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Wakes each lot when its tick is due (under trio; otherwise it only waits)."""
+        self._serving = sniffio.current_async_library() == "trio"
+        task_status.started()
+        if not self._serving:
+            await anyio.sleep_forever()
+        while True:
+            self._wake = anyio.Event()
+            if not self._ticks:
+                await self._wake.wait()
+                continue
+            due = self._ticks[0] * self.resolution
+            if due > anyio.current_time():
+                with anyio.move_on_after(due - anyio.current_time()):
+                    await self._wake.wait()
+                continue
+            self._lots.pop(heapq.heappop(self._ticks)).unpark_all()

@@ -535,6 +535,22 @@ async def test_a_mailbox_receives_what_is_sent_to_its_node(store: Store) -> None
         await store.a.send("n1", b"after close")
 
 
+async def test_followers_are_the_nodes_that_said_so_recently_with_their_progress(
+    store: Store,
+) -> None:
+    assert await store.a.followers("r1") == {}
+    await store.a.follow("r1", "n1", 0.3, 4)
+    await store.b.follow("r1", "n2", 60, 2)
+    await store.b.follow("r1", "n2", 60, 7)  # a later word replaces the earlier one
+    assert await store.b.followers("r1") == {"n1": 4, "n2": 7}
+    assert await store.a.followers("r2") == {}
+
+    async def n1_expired() -> bool:
+        return await store.a.followers("r1") == {"n2": 7}
+
+    await poll(n1_expired)
+
+
 async def test_ping(store: Store) -> None:
     await store.a.ping()
     await store.b.ping()
@@ -543,6 +559,8 @@ async def test_ping(store: Store) -> None:
 # ------------------------------------------------------------------- outages
 CALLS: list[tuple[str, Callable[[SharedState], Awaitable[Any]]]] = [
     ("admit", lambda s: admit(s, run_record("x"))),
+    ("follow", lambda s: s.follow("r1", "n1", 1, 0)),
+    ("followers", lambda s: s.followers("r1")),
     ("set_open_tools", lambda s: s.set_open_tools("r1", {})),
     ("finish", lambda s: s.finish("r1", retention_s=1)),
     ("drop", lambda s: s.drop("r1")),
