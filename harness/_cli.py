@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--dev", action="store_true",
                      help="without an auth secret, use a random one (printed on stderr)")
     srv.add_argument("--log-level", default="WARNING")
+    srv.add_argument("--server", choices=("trio", "fastapi"), default="trio",
+                     help="trio (default), or fastapi: the same protocol on asyncio under uvicorn")
     _add_settings(srv)
     tok = commands.add_parser("token", help="print a token for USER_ID")
     tok.add_argument("user_id")
@@ -95,7 +97,30 @@ def _serve(args: argparse.Namespace) -> int:
         secret = secrets.token_urlsafe(32)
         print(f"dev auth secret: {secret}", file=sys.stderr, flush=True)
         config = attrs.evolve(config, auth_secret=secret)
+    if args.server == "fastapi":
+        return _serve_fastapi(config, args.host, args.port, args.log_level)
     trio.run(_serve_until_signalled, config, args.host, args.port)
+    return 0
+
+
+def _announce(host: str, port: int) -> None:
+    """The first stdout line, once the server accepts connections."""
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    print(f"listening on ws://{shown}:{port}/ws", flush=True)
+
+
+def _serve_fastapi(config: Config, host: str, port: int, log_level: str) -> int:
+    """Serves on asyncio under uvicorn until SIGINT or SIGTERM; a second signal changes nothing.
+
+    The signals are ignored until the server takes them, and again once it is done with
+    them, so a late one cannot kill the process in the middle of its graceful exit.
+    """
+    from harness.fastapi_app import run_server
+
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    run_server(config, host=host, port=port, agents=demo_agents(), log_level=log_level,
+               on_listening=lambda bound: _announce(host, bound))
     return 0
 
 
@@ -114,8 +139,7 @@ async def _serve_until_signalled(config: Config, host: str, port: int) -> None:
             nursery.start_soon(_watch_signals, signals, stop)
             bound = await nursery.start(_serve_task, config, host, port, stop,
                                         nursery.cancel_scope)
-            shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
-            print(f"listening on ws://{shown}:{bound}/ws", flush=True)
+            _announce(host, bound)
 
 
 async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event) -> None:

@@ -70,7 +70,8 @@ _TEXT: Final = "text/plain; charset=utf-8"
 class _Socket:
     """One upgraded WebSocket: its OS socket, wsproto side, queue, session and write buffer."""
 
-    __slots__ = ("blocked", "drained", "finished", "label", "last_write", "out", "ping_due",
+    __slots__ = ("blocked", "drained", "early", "finished", "label", "last_write", "out",
+                 "ping_due",
                  "queue", "released", "scope", "session", "sock", "stamps", "ws")
 
     def __init__(self, sock: socket.socket, ws: ServerWebSocket, label: str) -> None:
@@ -80,6 +81,7 @@ class _Socket:
         self.queue: OutboundQueue
         self.session: ChatSession
         self.out = bytearray()  # bytes taken for writing, not yet written
+        self.early = b""  # bytes the client sent behind its upgrade request
         self.stamps: list[float] = []  # emit times of the event frames in ``out``
         self.blocked = False  # the kernel buffer is full: a drain task is waiting
         self.finished = False  # the connection is over (closed or lost)
@@ -252,18 +254,19 @@ class ChatServer:
             return None
         s = self._new_socket(sock, label, identity.user_id, identity.exp)
         try:
-            self.registry.connect(s.queue)  # reserves the slot before any await
+            await self.registry.on_connect(s.queue)  # a slot, across nodes in a service
         except TooManyConnections:
             await _send_all(sock, reader.respond(429, b"too many connections\n", _TEXT))
             return None
         try:
             head, trailing = accept_websocket(reader, request)
         except HttpError as exc:
-            self.registry.disconnect(s.queue)
+            self.registry.on_disconnect(s.queue)
             await _send_all(sock, reader.respond(exc.status, b"bad websocket upgrade\n", _TEXT))
             return None
         s.out += head
-        self._opened(s, trailing)
+        s.early = trailing
+        self._opened(s)
         return s
 
     def _new_socket(self, sock: socket.socket, label: str, user_id: str, exp: float) -> _Socket:
@@ -275,23 +278,23 @@ class ChatServer:
         s.session = ChatSession(self.registry, self.ops, s.queue, self.secret, exp)
         return s
 
-    def _opened(self, s: _Socket, trailing: bytes) -> None:
+    def _opened(self, s: _Socket) -> None:
         self.sockets.add(s)
         self.ops.connections += 1
         self._all_closed = trio.Event()
         self._pings.push(s)
         self._schedule_token_expiry(s)
         self._mark_dirty(s)  # the 101
-        if trailing:
-            self._received(s, trailing)
 
     async def _run_websocket(self, s: _Socket) -> None:
         """Reads the socket until the WebSocket is over; then forgets it."""
         try:
             with s.scope:
+                if s.early:  # frames the client sent right behind its upgrade request
+                    await self._received(s, s.early)
                 while not s.finished:
                     await trio.lowlevel.wait_readable(s.sock)
-                    self._read(s)
+                    await self._read(s)
         except Exception:
             log.exception("socket handler crashed user_id=%s run_ids=%s %s",
                           s.queue.user_id, ",".join(s.queue.run_ids()) or "-", s.label)
@@ -299,7 +302,7 @@ class ChatServer:
         finally:
             self._forget(s)
 
-    def _read(self, s: _Socket) -> None:
+    async def _read(self, s: _Socket) -> None:
         try:
             data = s.sock.recv(_RECV_BYTES)
         except BlockingIOError:
@@ -309,9 +312,9 @@ class ChatServer:
         if not data:  # the peer is gone
             self._lost(s)
             return
-        self._received(s, data)
+        await self._received(s, data)
 
-    def _received(self, s: _Socket, data: bytes) -> None:
+    async def _received(self, s: _Socket, data: bytes) -> None:
         inbound, reply = s.ws.receive(data)
         if reply:
             s.out += reply
@@ -319,7 +322,7 @@ class ChatServer:
         for item in inbound:
             if isinstance(item, Message):
                 if s.queue.close_code is None:
-                    s.session.handle(item.text)
+                    await s.session.handle(item.text)
             elif isinstance(item, Closed):
                 self._peer_closing(s, item)
         if s.ws.closed and not s.out:
@@ -347,7 +350,7 @@ class ChatServer:
         if s.released or s.queue.close_code is None:
             return
         s.released = True
-        self.registry.disconnect(s.queue)
+        self.registry.on_disconnect(s.queue)
         self._closes.push(s)
 
     def _lost(self, s: _Socket) -> None:
@@ -366,7 +369,7 @@ class ChatServer:
         self.ops.count_close(s.queue.close_code or CLOSE_ABNORMAL)
         if not s.released:
             s.released = True
-            self.registry.disconnect(s.queue)
+            self.registry.on_disconnect(s.queue)
         self._dirty.pop(s, None)
         s.finished = True
         if s.drained is not None:
@@ -667,6 +670,7 @@ async def _run(
         await connections.start(ops.sampler)
         async with trio.open_nursery() as listening:
             bound = await listening.start(server.listen, host, port, connections)
+            await connections.start(ops.heap.serve)
             ops.state = "ready"
             task_status.started(bound)
             await stop.wait()

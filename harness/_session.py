@@ -9,7 +9,7 @@ server and the asyncio (FastAPI) server both drive it, so the wire behaviour is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, final
 
 from harness._auth import AuthError, verify_token
@@ -74,16 +74,17 @@ class ChatSession:
     def user_id(self) -> str:
         return self.queue.user_id
 
-    def handle(self, text: str | None) -> None:
+    async def handle(self, text: str | None) -> None:
         """Acts on one whole client message (``None``: a binary message, which is refused).
 
-        Answers (and errors) go to the queue; the connection stays open.
+        Answers (and errors) go to the queue; the connection stays open. On one node this
+        never blocks; on a node of a service it may wait for the shared state.
         """
         try:
             if text is None:
                 raise ProtocolError("bad_json", "binary frames are not accepted; send JSON text")
             command = parse_client_frame(text)
-            _HANDLERS[type(command)](self, command)
+            await _HANDLERS[type(command)](self, command)
         except ProtocolError as exc:
             self._error(exc.code, exc.frame())
         except RecursionError:  # JSON nested too deeply to answer (e.g. a ping id)
@@ -103,9 +104,9 @@ class ChatSession:
         self.queue.push_control(frame)
 
     # ------------------------------------------------------------ handlers
-    def _start(self, command: StartAgent) -> None:
+    async def _start(self, command: StartAgent) -> None:
         try:
-            run, duplicate = self.registry.start_run(
+            run, duplicate = await self.registry.on_start_agent(
                 user_id=self.user_id, request_id=command.request_id, agent=command.agent,
                 message=command.message, thread_id=command.thread_id,
                 context=command.context, subscriber=self.queue,
@@ -116,9 +117,10 @@ class ChatSession:
         self.queue.push_control(run_accepted_frame(
             command.request_id, run.run_id, run.thread_id, duplicate))
 
-    def _resume(self, command: Resume) -> None:
+    async def _resume(self, command: Resume) -> None:
         try:
-            self.registry.resume(command.run_id, self.user_id, command.after_seq, self.queue)
+            await self.registry.on_resume(command.run_id, self.user_id, command.after_seq,
+                                          self.queue)
         except RegistryError as exc:
             if exc.code in ("not_found", "resume_unavailable"):
                 self.ops.count_resume(exc.code)  # the contract's outcomes; others are errors
@@ -126,22 +128,22 @@ class ChatSession:
         else:
             self.ops.count_resume("ok")
 
-    def _ack(self, command: Ack) -> None:
+    async def _ack(self, command: Ack) -> None:
         try:
-            self.registry.ack(command.run_id, self.user_id, command.seq)
+            await self.registry.on_ack(command.run_id, self.user_id, command.seq)
         except RegistryError as exc:
             self._dispatch_error(command, exc)
 
-    def _cancel(self, command: Cancel) -> None:
+    async def _cancel(self, command: Cancel) -> None:
         try:
-            self.registry.cancel(command.run_id, self.user_id)
+            await self.registry.on_cancel(command.run_id, self.user_id)
         except RegistryError as exc:
             self._dispatch_error(command, exc)
 
-    def _ping(self, command: Ping) -> None:
+    async def _ping(self, command: Ping) -> None:
         self.queue.push_control(pong_frame(command.id))
 
-    def _refresh(self, command: Refresh) -> None:
+    async def _refresh(self, command: Refresh) -> None:
         try:
             identity = verify_token(self.secret, command.token)
         except AuthError as exc:
@@ -155,7 +157,7 @@ class ChatSession:
         self.queue.push_control(refreshed_frame(identity.exp))
 
 
-_HANDLERS: Final[dict[type[Any], Callable[[ChatSession, Any], None]]] = {
+_HANDLERS: Final[dict[type[Any], Callable[[ChatSession, Any], Awaitable[None]]]] = {
     StartAgent: ChatSession._start,
     Resume: ChatSession._resume,
     Ack: ChatSession._ack,

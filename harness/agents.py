@@ -9,8 +9,6 @@ import random
 from collections.abc import Mapping
 from typing import Any, Final
 
-import anyio
-
 from registry import AgentContext, AgentRegistry, InvalidField
 
 __all__ = ["ScriptedPlan", "demo_agents", "echo_agent", "research_agent", "scripted_agent"]
@@ -72,19 +70,19 @@ async def echo_agent(ctx: AgentContext) -> Any:
 async def scripted_agent(ctx: AgentContext) -> Any:
     """Exactly 3 + 2T + K events, sleeping D ms before each event after the first."""
     plan = ScriptedPlan(ctx.options)
-    await _pause(plan.delay_s)
+    await _pause(ctx, plan.delay_s)
     await ctx.think(f"running {plan.tools} tools and {plan.tokens} tokens")
     for index in range(1, plan.tools + 1):
-        await _pause(plan.delay_s)
+        await _pause(ctx, plan.delay_s)
         try:
-            await ctx.tool(f"tool_{index}", {"index": index}, _scripted_tool(plan, index))
+            await ctx.tool(f"tool_{index}", {"index": index}, _scripted_tool(ctx, plan, index))
         except ScriptedToolFailure:
-            await _pause(plan.delay_s)  # D ms before agent_completed too
+            await _pause(ctx, plan.delay_s)  # D ms before agent_completed too
             raise
     for index in range(plan.tokens):
-        await _pause(plan.delay_s)
+        await _pause(ctx, plan.delay_s)
         await ctx.partial(_token(index, plan.token_bytes))
-    await _pause(plan.delay_s)
+    await _pause(ctx, plan.delay_s)
     return {"tools": plan.tools, "tokens": plan.tokens}
 
 
@@ -93,9 +91,9 @@ def _token(index: int, size: int) -> str:
     return text.ljust(size, ".") if size else text
 
 
-def _scripted_tool(plan: ScriptedPlan, index: int) -> Any:
+def _scripted_tool(ctx: AgentContext, plan: ScriptedPlan, index: int) -> Any:
     async def tool(args: Mapping[str, Any]) -> Any:
-        await _pause(plan.delay_s)
+        await _pause(ctx, plan.delay_s)
         if index == plan.fail_at_tool:
             raise ScriptedToolFailure(f"tool {index} failed as scripted")
         return {"index": index, "ok": True}
@@ -103,9 +101,9 @@ def _scripted_tool(plan: ScriptedPlan, index: int) -> Any:
     return tool
 
 
-async def _pause(seconds: float) -> None:
+async def _pause(ctx: AgentContext, seconds: float) -> None:
     if seconds > 0:
-        await anyio.sleep(seconds)
+        await ctx.sleep(seconds)
 
 
 _RESEARCH_TOOLS: Final = (
@@ -125,17 +123,18 @@ async def research_agent(ctx: AgentContext) -> Any:
     for tool, low, high in rng.sample(_RESEARCH_TOOLS, rng.randint(2, 4)):
         await ctx.think(f"I should use {tool}")
         latency = rng.uniform(low, high)
-        sources.append(await ctx.tool(tool, {"query": ctx.message[:200]}, _research_tool(latency)))
+        sources.append(await ctx.tool(tool, {"query": ctx.message[:200]},
+                                      _research_tool(ctx, latency)))
     words = _answer_words(ctx.message, rng)
     for word in words:
-        await anyio.sleep(rng.uniform(0.005, 0.02))
+        await ctx.sleep(rng.uniform(0.005, 0.02))
         await ctx.partial(word + " ")
     return {"answer": " ".join(words), "sources": sources}
 
 
-def _research_tool(latency: float) -> Any:
+def _research_tool(ctx: AgentContext, latency: float) -> Any:
     async def tool(args: Mapping[str, Any]) -> Any:
-        await anyio.sleep(latency)
+        await ctx.sleep(latency)
         return {"query": args["query"], "hits": 3, "latency_ms": round(latency * 1000)}
 
     return tool

@@ -1,7 +1,9 @@
-"""Wire-level helpers of the end-to-end tests: a server in-process or as a subprocess, tokens,
-a JSON client over trio-websocket, a raw wsproto client, and the per-run checks of PROTOCOL.md.
+"""Wire-level helpers of the end-to-end tests: either server (trio in-process, or FastAPI as a
+subprocess), tokens, a JSON client over trio-websocket, a raw wsproto client, and the per-run
+checks of PROTOCOL.md.
 
-Nothing here sleeps to synchronise: every wait is on a real network event, bounded by
+Nothing here sleeps to synchronise: every wait is on a real network event, or polls what the
+server reports over HTTP (``/dashboard/data``, each poll a real request), bounded by
 :data:`TIMEOUT` only as a guard against hangs.
 """
 
@@ -12,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ import wsproto.events as wse
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from harness import demo_agents, mint_token, serve
-from registry import Config, get_agent_execution_registry
+from registry import Config
 
 SECRET: Final = "e2e-test-secret-" + "0123456789abcdef" * 4
 HOST: Final = "127.0.0.1"
@@ -79,7 +82,13 @@ def is_event(frame: Mapping[str, Any]) -> bool:
 
 
 # ================================================================== servers
-@attrs.frozen
+#: The two servers of PROTOCOL.md: ``serve`` (``--server trio``) and ``serve --server fastapi``.
+SERVER_KINDS: Final = ("trio", "fastapi")
+#: The settings every test server gets unless the test says otherwise.
+DEFAULTS: Final[Mapping[str, Any]] = {"shutdown_grace_s": 2.0}
+
+
+@attrs.frozen(eq=False)
 class Server:
     """Where a running server listens."""
 
@@ -87,19 +96,59 @@ class Server:
     config: Config = attrs.field(factory=lambda: Config(auth_secret=SECRET))
     #: Set it to shut an in-process server down (None for a subprocess).
     stop: trio.Event | None = None
+    #: The server's process, when it runs in one.
+    process: trio.Process | subprocess.Popen[bytes] | None = None
 
     def url(self, path: str = "/ws") -> str:
         return f"ws://{HOST}:{self.port}{path}"
 
+    def shut_down(self) -> None:
+        """Starts the graceful shutdown: the stop event in-process, SIGTERM to a process."""
+        if self.stop is not None:
+            self.stop.set()
+        else:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+
 
 @asynccontextmanager
-async def open_server(**settings: Any) -> AsyncIterator[Server]:
-    """Runs ``harness.serve`` in this trio run with ``Config(auth_secret=SECRET, **settings)``.
+async def open_server(kind: str = "trio", /, **settings: Any) -> AsyncIterator[Server]:
+    """Runs a server of ``kind`` with ``Config(auth_secret=SECRET, **settings)``.
 
-    ``shutdown_grace_s`` defaults to 2 so that a test that fails mid-way still ends quickly.
+    ``trio`` runs ``harness.serve`` in this trio run; ``fastapi`` runs ``python -m harness
+    serve --server fastapi`` with the settings as flags. Either is fresh (no run, no count
+    yet). ``shutdown_grace_s`` defaults to 2 so that a test that fails mid-way still ends
+    quickly.
     """
-    settings.setdefault("shutdown_grace_s", 2.0)
+    settings = {**DEFAULTS, **settings}
     config = Config(auth_secret=SECRET, **settings)
+    if kind == "trio":
+        async with _in_process(config) as server:
+            yield server
+    elif kind == "fastapi":
+        async with _fastapi_process(config, settings) as server:
+            yield server
+    else:
+        raise ValueError(f"unknown server kind {kind!r}")
+
+
+@asynccontextmanager
+async def default_server(kind: str) -> AsyncIterator[Server]:
+    """A server with the default settings, handed over idle: no socket open, no run in flight.
+
+    ``trio``: a fresh one in this trio run. ``fastapi``: the session's shared subprocess
+    (see :class:`_Shared`), which saves a process start per test; its counters and retained
+    runs carry over from earlier tests, so a test that reads them takes :func:`open_server`.
+    """
+    if kind == "fastapi":
+        yield await SHARED.acquire()
+    else:
+        async with open_server(kind) as server:
+            yield server
+
+
+@asynccontextmanager
+async def _in_process(config: Config) -> AsyncIterator[Server]:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(functools.partial(
@@ -110,14 +159,146 @@ async def open_server(**settings: Any) -> AsyncIterator[Server]:
             stop.set()
 
 
-async def wait_run_ended(run_id: str, user: str) -> None:
-    """Waits until the in-process server has ended ``run_id`` (for effects with no wire event).
+def setting_flags(settings: Mapping[str, Any]) -> list[str]:
+    """The command-line flags that give a server ``settings`` (Config field name -> value)."""
+    flags = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, tuple | list):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        flags += ["--" + name.replace("_", "-"), text]
+    return flags
 
-    Uses the registry's documented accessor; only valid inside :func:`open_server`.
+
+@asynccontextmanager
+async def _fastapi_process(config: Config, settings: Mapping[str, Any]) -> AsyncIterator[Server]:
+    """A fastapi server of this test's own; SIGTERM (a graceful shutdown) when it is done."""
+    async with server_process(*setting_flags(settings), kind="fastapi") as (proc, server):
+        try:
+            yield attrs.evolve(server, config=config, process=proc)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(config.shutdown_grace_s + TIMEOUT / 5):
+                await proc.wait()
+
+
+class _Shared:
+    """The session's fastapi server with the default settings (one start, ~1 s, for many tests).
+
+    Each test gets it idle, as a fresh server would be: no socket open and no run in flight.
+    One that is not idle soon (a test left a run going) or has stopped is started again.
+    It outlives each test's trio run, so it is a plain :class:`subprocess.Popen`.
     """
-    run = (await get_agent_execution_registry()).get_run(run_id, user)
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+
+    async def acquire(self) -> Server:
+        if self.server is not None and await _is_idle(self.server):
+            return self.server
+        self.close()
+        process = subprocess.Popen(
+            serve_command(*setting_flags(DEFAULTS), kind="fastapi"), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, cwd=REPO, env=server_env(REGISTRY_AUTH_SECRET=SECRET))
+        self.server = Server(0, Config(auth_secret=SECRET, **DEFAULTS), process=process)
+        assert process.stdout is not None
+        try:
+            with trio.fail_after(TIMEOUT):
+                line = await trio.to_thread.run_sync(process.stdout.readline,
+                                                     abandon_on_cancel=True)
+            self.server = attrs.evolve(self.server, port=_listening_port(line.decode()))
+        except BaseException:
+            self.close()  # which ends the read too
+            raise
+        return self.server
+
+    def close(self) -> None:
+        """Stops the server (SIGTERM, then SIGKILL if it does not exit in time)."""
+        if self.server is None:
+            return
+        process, self.server = self.server.process, None
+        assert isinstance(process, subprocess.Popen)
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+SHARED: Final = _Shared()
+
+
+async def _is_idle(server: Server) -> bool:
+    """Whether the server runs and soon has no socket open and no run in flight."""
+    assert isinstance(server.process, subprocess.Popen)
+    if server.process.poll() is not None:
+        return False
+    with trio.move_on_after(2.0):  # a closing socket is gone in milliseconds
+        await _until_none(server, "connections_active")
+        with trio.move_on_after(0.5):  # a run in flight may be ending; a left-over one is not
+            await _until_none(server, "runs_active")
+            return True
+    return False
+
+
+async def http_get(server: Server, target: str,
+                   headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on its own connection: the status and the body."""
+    lines = [f"GET {target} HTTP/1.1", f"Host: {HOST}:{server.port}", "Connection: close",
+             *(f"{name}: {value}" for name, value in (headers or {}).items()), "", ""]
     with trio.fail_after(TIMEOUT):
-        await run.wait_done()
+        stream = await trio.open_tcp_stream(HOST, server.port)
+        async with stream:
+            await stream.send_all("\r\n".join(lines).encode())
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(maxsplit=2)[1]), body
+
+
+async def dashboard_data(server: Server) -> dict[str, Any]:
+    """``/dashboard/data``: the live figures (runs in flight, open sockets, ...)."""
+    token = server.config.metrics_token
+    status, body = await http_get(server, "/dashboard/data",
+                                  {"Authorization": f"Bearer {token}"} if token else None)
+    assert status == 200, (status, body)
+    data: dict[str, Any] = strict_json(body)
+    return data
+
+
+async def wait_sockets_closed(server: Server) -> None:
+    """Waits until the server has no WebSocket open, as ``/dashboard/data`` reports it.
+
+    A server in another process learns of a connection reset when its event loop gets to
+    it: this is the wire-observable end of that.
+    """
+    with trio.fail_after(TIMEOUT):
+        await _until_none(server, "connections_active")
+
+
+async def wait_runs_ended(server: Server) -> None:
+    """Waits until the server has no run in flight, as ``/dashboard/data`` reports it.
+
+    For effects that have no event on the wire of their own (a run ending with no socket
+    subscribed); a test using it has no other run in flight.
+    """
+    with trio.fail_after(TIMEOUT):
+        await _until_none(server, "runs_active")
+
+
+async def _until_none(server: Server, figure: str) -> None:
+    """Polls ``/dashboard/data`` until ``figure`` (a count) is 0."""
+    while (await dashboard_data(server))[figure]:
+        await trio.sleep(0.01)
 
 
 # ================================================================== clients
@@ -426,24 +607,36 @@ def server_env(**variables: str) -> dict[str, str]:
 LISTENING: Final = re.compile(r"listening on ws://(?P<host>[^\s/]+):(?P<port>\d+)/ws")
 
 
+def serve_command(*flags: str, kind: str = "trio") -> list[str]:
+    """``python -m harness serve --port 0 FLAGS`` on HOST; ``--server fastapi`` for that kind."""
+    choice = ["--server", kind] if kind != "trio" else []
+    return [sys.executable, "-m", "harness", "serve", *choice, "--host", HOST, "--port", "0",
+            *flags]
+
+
+def _listening_port(line: str) -> int:
+    """The port of the server's first stdout line (which must be the contract's)."""
+    match = LISTENING.fullmatch(line.rstrip("\r\n"))
+    assert match is not None, f"first stdout line is {line!r}"
+    assert match["host"] == HOST and int(match["port"]) > 0
+    return int(match["port"])
+
+
 @asynccontextmanager
 async def server_process(
-    *flags: str, env: Mapping[str, str] | None = None,
+    *flags: str, env: Mapping[str, str] | None = None, kind: str = "trio",
 ) -> AsyncIterator[tuple[trio.Process, Server]]:
     """Runs ``python -m harness serve --port 0 FLAGS`` until its first stdout line.
 
+    ``kind`` ``fastapi`` adds ``--server fastapi``; ``trio`` adds nothing (it is the default).
     Kills the process on exit if it is still running.
     """
-    command = [sys.executable, "-m", "harness", "serve", "--host", HOST, "--port", "0", *flags]
     proc = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
-        env=dict(env) if env is not None else server_env(REGISTRY_AUTH_SECRET=SECRET))
+        serve_command(*flags, kind=kind), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=dict(env) if env is not None else server_env(REGISTRY_AUTH_SECRET=SECRET))
     try:
-        line = await _first_line(proc)
-        match = LISTENING.fullmatch(line)
-        assert match is not None, f"first stdout line is {line!r}"
-        assert match["host"] == HOST and int(match["port"]) > 0
-        yield proc, Server(int(match["port"]))
+        port = _listening_port(await _first_line(proc))
+        yield proc, Server(port, process=proc)
     finally:
         if proc.returncode is None:
             proc.kill()

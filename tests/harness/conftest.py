@@ -1,16 +1,33 @@
-"""Fixtures of the end-to-end tests: a server running in the test's own trio run."""
+"""Fixtures of the end-to-end tests: each protocol test runs against both servers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.harness._support import Server, open_server
+from tests.harness._support import SERVER_KINDS, SHARED, Server, default_server
+
+
+@pytest.fixture(params=SERVER_KINDS)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """``trio`` or ``fastapi``: a test taking it runs once against each server."""
+    kind: str = request.param
+    return kind
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[Server]:
-    """A server with the default settings (``shutdown_grace_s`` 2) and the demo agents."""
-    async with open_server() as running:
+async def server(server_kind: str) -> AsyncIterator[Server]:
+    """A server with the default settings (``shutdown_grace_s`` 2) and the demo agents.
+
+    The trio server runs in the test's trio run; the FastAPI one is the session's shared
+    subprocess, handed over idle.
+    """
+    async with default_server(server_kind) as running:
         yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_shared_server() -> Iterator[None]:
+    yield
+    SHARED.close()

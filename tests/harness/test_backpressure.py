@@ -12,7 +12,7 @@ from tests.harness._support import (
     gather,
     open_server,
     scripted,
-    wait_run_ended,
+    wait_runs_ended,
 )
 
 FLOOD = 4000
@@ -27,8 +27,8 @@ async def timed_chat(client: Client) -> tuple[float, list[Frame]]:
     return trio.current_time() - started, events
 
 
-async def test_a_socket_that_never_reads_is_closed_4008_and_can_resume() -> None:
-    async with open_server(max_queued_messages=50) as server:
+async def test_a_socket_that_never_reads_is_closed_4008_and_can_resume(server_kind: str) -> None:
+    async with open_server(server_kind, max_queued_messages=50) as server:
         async with connect(server, "slow") as slow:
             accepted = await slow.start(context=scripted(tools=0, tokens=FLOOD,
                                                           token_bytes=BIG_TOKENS))
@@ -39,7 +39,7 @@ async def test_a_socket_that_never_reads_is_closed_4008_and_can_resume() -> None
                 connect(server, "cid") as cid,
             ):
                 chats = await gather(*(lambda c=c: timed_chat(c) for c in (ann, ben, cid)))
-            await wait_run_ended(run_id, "slow")
+            await wait_runs_ended(server)
             code, held = await slow.until_closed()
         assert code == 4008
         assert 0 < len(held) < FLOOD + 3
@@ -55,8 +55,8 @@ async def test_a_socket_that_never_reads_is_closed_4008_and_can_resume() -> None
         assert elapsed < 3.0
 
 
-async def test_a_replay_never_counts_against_max_queued_messages() -> None:
-    async with open_server(max_queued_messages=5) as server:
+async def test_a_replay_never_counts_against_max_queued_messages(server_kind: str) -> None:
+    async with open_server(server_kind, max_queued_messages=5) as server:
         async with connect(server) as starter:
             accepted = await starter.start(context=scripted(tools=5, tokens=60, delay_ms=1))
             events = await starter.run_events(accepted["run_id"])
@@ -67,8 +67,11 @@ async def test_a_replay_never_counts_against_max_queued_messages() -> None:
     assert len(events) == 73
 
 
-async def test_a_socket_that_floods_pings_without_reading_is_closed_4008() -> None:
-    async with open_server(max_queued_messages=20) as server, connect(server) as flooder:
+async def test_a_socket_that_floods_pings_without_reading_is_closed_4008(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_queued_messages=20) as server,
+        connect(server) as flooder,
+    ):
         big_id = "p" * 3000
         for _ in range(1500):
             await flooder.send({"type": "ping", "id": big_id})
@@ -78,9 +81,11 @@ async def test_a_socket_that_floods_pings_without_reading_is_closed_4008() -> No
     assert all(p == {"type": "pong", "id": big_id} for p in pongs)
 
 
-async def test_a_slow_socket_does_not_hold_back_another_socket_on_the_same_run() -> None:
+async def test_a_slow_socket_does_not_hold_back_another_socket_on_the_same_run(
+    server_kind: str,
+) -> None:
     async with (
-        open_server(max_queued_messages=20) as server,
+        open_server(server_kind, max_queued_messages=20) as server,
         connect(server, "sam") as slow,
         connect(server, "sam") as fast,
     ):

@@ -28,9 +28,12 @@ EXIT_SLACK_S = 1.5
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_signal_cancels_runs_closes_sockets_1001_and_exits_0(signum: int) -> None:
+async def test_signal_cancels_runs_closes_sockets_1001_and_exits_0(
+    signum: int, server_kind: str,
+) -> None:
     grace = 3.0
-    async with server_process("--shutdown-grace-s", str(grace)) as (proc, server):
+    flags = ("--shutdown-grace-s", str(grace))
+    async with server_process(*flags, kind=server_kind) as (proc, server):
         async with (
             connect(server, "alice") as a,
             connect(server, "bob") as b,
@@ -57,8 +60,8 @@ async def test_signal_cancels_runs_closes_sockets_1001_and_exits_0(signum: int) 
         assert check_run(mine)["status"] == "cancelled"
 
 
-async def test_sigterm_with_an_idle_server_exits_0_quickly() -> None:
-    async with server_process() as (proc, _):
+async def test_sigterm_with_an_idle_server_exits_0_quickly(server_kind: str) -> None:
+    async with server_process(kind=server_kind) as (proc, _):
         signalled = trio.current_time()
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(5 + EXIT_SLACK_S):
@@ -66,10 +69,12 @@ async def test_sigterm_with_an_idle_server_exits_0_quickly() -> None:
         assert trio.current_time() - signalled < 5 + EXIT_SLACK_S
 
 
-async def test_sigterm_exits_within_grace_even_with_a_socket_that_never_reads() -> None:
+async def test_sigterm_exits_within_grace_even_with_a_socket_that_never_reads(
+    server_kind: str,
+) -> None:
     grace = 2.0
     async with (
-        server_process("--shutdown-grace-s", str(grace)) as (proc, server),
+        server_process("--shutdown-grace-s", str(grace), kind=server_kind) as (proc, server),
         connect(server, "slow") as slow,
     ):
         await slow.start(context=scripted(tools=0, tokens=20000, delay_ms=0, token_bytes=3000))
@@ -105,47 +110,53 @@ def names(setting: str) -> re.Pattern[str]:
 
 @pytest.mark.parametrize(("setting", "env", "flags"), INVALID_SETTINGS)
 async def test_invalid_setting_stops_the_server_with_a_message_naming_it(
-    setting: str, env: dict[str, str], flags: list[str]
+    setting: str, env: dict[str, str], flags: list[str], server_kind: str,
 ) -> None:
-    result = await run_cli("serve", "--port", "0", *flags,
+    result = await run_cli("serve", "--server", server_kind, "--port", "0", *flags,
                            env=server_env(REGISTRY_AUTH_SECRET=SECRET, **env))
     assert result.returncode != 0
     assert b"listening" not in result.stdout
     assert names(setting).search(result.stderr.decode() + result.stdout.decode())
 
 
-async def test_serve_without_an_auth_secret_refuses_to_start() -> None:
-    result = await run_cli("serve", "--port", "0", env=server_env())
+async def test_serve_without_an_auth_secret_refuses_to_start(server_kind: str) -> None:
+    result = await run_cli("serve", "--server", server_kind, "--port", "0", env=server_env())
     assert result.returncode != 0
     assert b"listening" not in result.stdout
     assert names("auth_secret").search(result.stderr.decode())
 
 
-async def test_a_setting_from_the_environment_applies_and_the_token_command_works() -> None:
+async def test_a_setting_from_the_environment_applies_and_the_token_command_works(
+    server_kind: str,
+) -> None:
     env = server_env(REGISTRY_AUTH_SECRET=SECRET, REGISTRY_MAX_CONNECTIONS_PER_USER="1")
     printed = await run_cli("token", "bob", env=env)
     assert printed.returncode == 0
     jwt = printed.stdout.decode().strip()
-    async with server_process(env=env) as (_, server), connect(server, jwt=jwt) as client:
+    async with (
+        server_process(env=env, kind=server_kind) as (_, server),
+        connect(server, jwt=jwt) as client,
+    ):
         accepted = await client.start("echo", "via the cli token")
         assert check_run(await client.run_events(accepted["run_id"]))["result"] == (
             "via the cli token")
         assert await handshake_status(server, jwt=jwt) == 429
 
 
-async def test_a_flag_wins_over_the_environment() -> None:
+async def test_a_flag_wins_over_the_environment(server_kind: str) -> None:
     env = server_env(REGISTRY_AUTH_SECRET=SECRET, REGISTRY_MAX_CONNECTIONS_PER_USER="1")
+    flags = ("--max-connections-per-user", "2")
     async with (
-        server_process("--max-connections-per-user", "2", env=env) as (_, server),
+        server_process(*flags, env=env, kind=server_kind) as (_, server),
         connect(server, "alice"),
         connect(server, "alice"),
     ):
         assert await handshake_status(server, jwt=(await _cli_token("alice"))) == 429
 
 
-async def test_auth_secret_flag_wins_over_the_environment() -> None:
+async def test_auth_secret_flag_wins_over_the_environment(server_kind: str) -> None:
     env = server_env(REGISTRY_AUTH_SECRET="an-other-secret-" + "x" * 40)
-    async with server_process("--auth-secret", SECRET, env=env) as (_, server):
+    async with server_process("--auth-secret", SECRET, env=env, kind=server_kind) as (_, server):
         async with connect(server, "alice") as client:
             await client.assert_quiet()
         assert await handshake_status(server, jwt=await _cli_token("alice", env=env)) == 401
@@ -168,17 +179,20 @@ async def test_token_command_mints_hs256_for_the_user_with_the_ttl() -> None:
     assert before + 110 <= claims["exp"] <= time.time() + 130
 
 
-async def test_a_token_for_another_secret_is_refused_by_the_server() -> None:
+async def test_a_token_for_another_secret_is_refused_by_the_server(server_kind: str) -> None:
     other = server_env(REGISTRY_AUTH_SECRET="a-different-secret-" + "y" * 40)
     jwt = await _cli_token("erin", env=other)
-    async with server_process() as (_, server):
+    async with server_process(kind=server_kind) as (_, server):
         assert await handshake_status(server, jwt=jwt) == 401
         assert await handshake_status(server, jwt=jwt, via="query") == 401
 
 
-async def test_a_decimal_duration_from_the_environment_applies() -> None:
+async def test_a_decimal_duration_from_the_environment_applies(server_kind: str) -> None:
     env = server_env(REGISTRY_AUTH_SECRET=SECRET, REGISTRY_AGENT_TIMEOUT_S="0.4")
-    async with server_process(env=env) as (_, server), connect(server) as client:
+    async with (
+        server_process(env=env, kind=server_kind) as (_, server),
+        connect(server) as client,
+    ):
         accepted = await client.start(context=scripted(tools=0, tokens=1, delay_ms=5000))
         events = await client.run_events(accepted["run_id"])
     assert check_run(events)["status"] == "timed_out"

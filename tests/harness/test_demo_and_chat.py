@@ -17,8 +17,8 @@ async def test_demo_runs_three_chats_and_stops_the_server_cleanly() -> None:
     assert "server stopped with exit code 0" in out
 
 
-async def test_chat_prints_every_event_of_a_run_live_and_readably() -> None:
-    async with server_process() as (_, server):
+async def test_chat_prints_every_event_of_a_run_live_and_readably(server_kind: str) -> None:
+    async with server_process(kind=server_kind) as (_, server):
         done = await run_cli("chat", "--user", "bob", "--agent", "scripted", "--url",
                              server.url(), "--context",
                              '{"tools": 1, "tokens": 2, "delay_ms": 0}', "hello")
@@ -32,8 +32,8 @@ async def test_chat_prints_every_event_of_a_run_live_and_readably() -> None:
         (7, "agent_completed")]
 
 
-async def test_chat_reports_a_refused_run_on_stderr_and_exits_1() -> None:
-    async with server_process() as (_, server):
+async def test_chat_reports_a_refused_run_on_stderr_and_exits_1(server_kind: str) -> None:
+    async with server_process(kind=server_kind) as (_, server):
         done = await run_cli("chat", "--agent", "nope", "--url", server.url(), "hi")
     assert done.returncode == 1
     assert "unknown_agent" in done.stderr.decode()

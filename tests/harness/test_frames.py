@@ -244,8 +244,11 @@ async def test_invalid_field_wins_over_not_found(server: Server) -> None:
         await error_then_usable(client, json.dumps(frame), "invalid_field", field="after_seq")
 
 
-async def test_unknown_agent_and_invalid_context_win_over_rate_limited() -> None:
-    async with open_server(max_active_runs_per_user=1) as server, connect(server) as client:
+async def test_unknown_agent_and_invalid_context_win_over_rate_limited(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_active_runs_per_user=1) as server,
+        connect(server) as client,
+    ):
         await client.start(context=scripted(tokens=100, delay_ms=1000))
         request_id = unique()
         frame = client.start_frame("nobody", request_id=request_id)
@@ -254,9 +257,9 @@ async def test_unknown_agent_and_invalid_context_win_over_rate_limited() -> None
         assert_error(await client.request(frame), "invalid_field", field="context.tools")
 
 
-async def test_rate_limited_wins_over_overloaded() -> None:
+async def test_rate_limited_wins_over_overloaded(server_kind: str) -> None:
     async with (
-        open_server(max_active_runs_per_user=1, max_active_runs=1) as server,
+        open_server(server_kind, max_active_runs_per_user=1, max_active_runs=1) as server,
         connect(server, "alice") as alice,
         connect(server, "bob") as bob,
     ):
@@ -269,16 +272,22 @@ async def test_rate_limited_wins_over_overloaded() -> None:
 
 
 # ----------------------------------------------------------------------- size
-async def test_frame_over_max_message_bytes_closes_1009() -> None:
-    async with open_server(max_message_bytes=1024) as server, connect(server) as client:
+async def test_frame_over_max_message_bytes_closes_1009(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_message_bytes=1024) as server,
+        connect(server) as client,
+    ):
         await client.send(client.start_frame("echo", "x" * 2000))
         code, frames = await client.until_closed()
         assert code == 1009
         assert frames == []
 
 
-async def test_frame_of_exactly_max_message_bytes_is_accepted() -> None:
-    async with open_server(max_message_bytes=1024) as server, connect(server) as client:
+async def test_frame_of_exactly_max_message_bytes_is_accepted(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_message_bytes=1024) as server,
+        connect(server) as client,
+    ):
         head = '{"type":"ping","id":"'
         padding = "p" * (1024 - len(head) - 2)
         frame = head + padding + '"}'
@@ -287,8 +296,11 @@ async def test_frame_of_exactly_max_message_bytes_is_accepted() -> None:
         assert await client.recv() == {"type": "pong", "id": padding}
 
 
-async def test_fragmented_message_is_reassembled_and_accepted() -> None:
-    async with open_server(max_message_bytes=1024) as server, raw_connect(server) as raw:
+async def test_fragmented_message_is_reassembled_and_accepted(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_message_bytes=1024) as server,
+        raw_connect(server) as raw,
+    ):
         text = json.dumps({"type": "ping", "id": "f" * 600})
         for start in range(0, len(text), 100):
             chunk = text[start:start + 100]
@@ -296,8 +308,11 @@ async def test_fragmented_message_is_reassembled_and_accepted() -> None:
         assert await raw.next_text() == {"type": "pong", "id": "f" * 600}
 
 
-async def test_fragmented_message_over_max_message_bytes_closes_1009() -> None:
-    async with open_server(max_message_bytes=1024) as server, raw_connect(server) as raw:
+async def test_fragmented_message_over_max_message_bytes_closes_1009(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_message_bytes=1024) as server,
+        raw_connect(server) as raw,
+    ):
         for index in range(4):
             await raw.send(wse.TextMessage(data="y" * 400, message_finished=index == 3))
         event = await raw.next_event()

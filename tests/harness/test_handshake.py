@@ -86,13 +86,16 @@ async def test_sixth_socket_of_a_user_is_429_and_accepted_after_one_closed(serve
             await client.assert_quiet()
 
 
-async def test_max_connections_per_user_is_configurable() -> None:
-    async with open_server(max_connections_per_user=1) as server, connect(server, "alice"):
+async def test_max_connections_per_user_is_configurable(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_connections_per_user=1) as server,
+        connect(server, "alice"),
+    ):
         assert await handshake_status(server, jwt=token("alice")) == 429
 
 
-async def test_rejected_handshakes_do_not_take_a_connection_slot() -> None:
-    async with open_server(max_connections_per_user=1) as server:
+async def test_rejected_handshakes_do_not_take_a_connection_slot(server_kind: str) -> None:
+    async with open_server(server_kind, max_connections_per_user=1) as server:
         for _ in range(3):
             assert await handshake_status(server, jwt=token("alice", ttl=-60)) == 401
             assert await handshake_status(server, jwt=token("alice"), path="/nope") == 404

@@ -18,10 +18,10 @@ from tests.harness._support import (
     check_run,
     connect,
     handshake_status,
-    open_server,
     scripted,
     token,
     unique,
+    wait_sockets_closed,
 )
 
 UPGRADE = (
@@ -44,34 +44,37 @@ async def _assert_serving(server: Server) -> None:
         assert check_run(await client.run_events(accepted["run_id"]))["status"] == "succeeded"
 
 
-async def test_peers_resetting_during_the_handshake_do_not_take_the_server_down() -> None:
-    async with open_server() as server:
-        host = f"{HOST}:{server.port}"
-        requests = [
-            UPGRADE.format(target="/ws", host=host),  # no token: its 401 meets a reset
-            UPGRADE.format(target=f"/ws?token={token('alice')}", host=host),
-            UPGRADE.format(target="/elsewhere", host=host),
-            f"GET /ws HTTP/1.1\r\nHost: {host}\r\n\r\n",  # not an upgrade at all
-        ]
-        for _ in range(25):
-            for request in requests:
-                await _send_and_reset(server, request)
-        await _assert_serving(server)
+async def test_peers_resetting_during_the_handshake_do_not_take_the_server_down(
+    server: Server,
+) -> None:
+    host = f"{HOST}:{server.port}"
+    requests = [
+        UPGRADE.format(target="/ws", host=host),  # no token: its 401 meets a reset
+        UPGRADE.format(target=f"/ws?token={token('alice')}", host=host),
+        UPGRADE.format(target="/elsewhere", host=host),
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\n\r\n",  # not an upgrade at all
+    ]
+    for _ in range(25):
+        for request in requests:
+            await _send_and_reset(server, request)
+    await wait_sockets_closed(server)  # the accepted ones were reset: none is left open
+    await _assert_serving(server)
 
 
-async def test_a_request_target_that_is_not_a_url_gets_404() -> None:
-    async with open_server() as server:
-        stream = await trio.open_tcp_stream(HOST, server.port)
-        await stream.send_all(UPGRADE.format(target="//[", host=HOST).encode())
-        with trio.fail_after(10):
-            head = await stream.receive_some(4096)
-        await stream.aclose()
-        assert head.startswith(b"HTTP/1.1 404")
-        await _assert_serving(server)
+async def test_a_request_target_that_is_not_a_url_gets_404(server: Server) -> None:
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    await stream.send_all(UPGRADE.format(target="//[", host=HOST).encode())
+    with trio.fail_after(10):
+        head = await stream.receive_some(4096)
+    await stream.aclose()
+    assert head.startswith(b"HTTP/1.1 404")
+    await _assert_serving(server)
 
 
-async def test_a_ping_id_too_deep_to_echo_is_bad_json_and_the_socket_stays() -> None:
-    async with open_server() as server, connect(server) as client:
+async def test_a_ping_id_too_deep_to_echo_is_bad_json_and_the_socket_stays(
+    server: Server,
+) -> None:
+    async with connect(server) as client:
         for depth in [*range(900, 1000, 2), 5000]:  # around where echoing it recurses too far
             await client.send_raw('{"type":"ping","id":' + "[" * depth + "]" * depth + "}")
             with trio.fail_after(10):
@@ -83,8 +86,8 @@ async def test_a_ping_id_too_deep_to_echo_is_bad_json_and_the_socket_stays() -> 
         await client.assert_usable()
 
 
-async def test_scripted_failure_waits_delay_ms_before_agent_completed() -> None:
-    async with open_server() as server, connect(server) as client:
+async def test_scripted_failure_waits_delay_ms_before_agent_completed(server: Server) -> None:
+    async with connect(server) as client:
         accepted = await client.start(context=scripted(tools=2, tokens=0, delay_ms=60,
                                                        fail_at_tool=2))
         events = await client.run_events(accepted["run_id"])
@@ -94,8 +97,10 @@ async def test_scripted_failure_waits_delay_ms_before_agent_completed() -> None:
     assert all(gap >= 0.055 for gap in gaps), gaps
 
 
-async def test_a_repeated_start_is_a_duplicate_whatever_agent_or_context_it_names() -> None:
-    async with open_server() as server, connect(server) as client:
+async def test_a_repeated_start_is_a_duplicate_whatever_agent_or_context_it_names(
+    server: Server,
+) -> None:
+    async with connect(server) as client:
         request_id = unique()
         first = await client.start(context=scripted(tools=0, tokens=1), request_id=request_id)
         again = await client.request({"type": "start_agent", "request_id": request_id,
@@ -108,16 +113,14 @@ def _claims(**extra: object) -> dict[str, object]:
     return {"sub": "alice", "exp": int(time.time()) + 600, **extra}
 
 
-async def test_tokens_with_extra_registered_claims_are_accepted() -> None:
-    async with open_server() as server:
-        for claims in (_claims(aud="chat"), _claims(iat=int(time.time()) + 30),
-                       _claims(iss="someone", jti="x1")):
-            async with connect(server, jwt=jwt.encode(claims, SECRET, algorithm="HS256")) as c:
-                await c.assert_usable()
+async def test_tokens_with_extra_registered_claims_are_accepted(server: Server) -> None:
+    for claims in (_claims(aud="chat"), _claims(iat=int(time.time()) + 30),
+                   _claims(iss="someone", jti="x1")):
+        async with connect(server, jwt=jwt.encode(claims, SECRET, algorithm="HS256")) as c:
+            await c.assert_usable()
 
 
-async def test_a_token_whose_exp_is_not_a_number_is_refused() -> None:
-    async with open_server() as server:
-        bad = jwt.encode({"sub": "alice", "exp": str(int(time.time()) + 600)}, SECRET,
-                         algorithm="HS256")
-        assert await handshake_status(server, jwt=bad) == 401
+async def test_a_token_whose_exp_is_not_a_number_is_refused(server: Server) -> None:
+    bad = jwt.encode({"sub": "alice", "exp": str(int(time.time()) + 600)}, SECRET,
+                     algorithm="HS256")
+    assert await handshake_status(server, jwt=bad) == 401

@@ -14,9 +14,9 @@ INTERVAL = 0.2
 PING_TIMEOUT = 0.3
 
 
-async def test_server_pings_and_closes_a_peer_that_never_answers() -> None:
+async def test_server_pings_and_closes_a_peer_that_never_answers(server_kind: str) -> None:
     async with (
-        open_server(ping_interval_s=INTERVAL, ping_timeout_s=PING_TIMEOUT) as server,
+        open_server(server_kind, ping_interval_s=INTERVAL, ping_timeout_s=PING_TIMEOUT) as server,
         raw_connect(server) as raw,
     ):
         opened = trio.current_time()
@@ -32,9 +32,9 @@ async def test_server_pings_and_closes_a_peer_that_never_answers() -> None:
     assert INTERVAL + PING_TIMEOUT - 0.05 <= closed_at < INTERVAL + PING_TIMEOUT + 0.7
 
 
-async def test_a_peer_that_answers_pings_stays_open() -> None:
+async def test_a_peer_that_answers_pings_stays_open(server_kind: str) -> None:
     async with (
-        open_server(ping_interval_s=INTERVAL, ping_timeout_s=PING_TIMEOUT) as server,
+        open_server(server_kind, ping_interval_s=INTERVAL, ping_timeout_s=PING_TIMEOUT) as server,
         raw_connect(server) as raw,
     ):
         opened = trio.current_time()
@@ -50,9 +50,9 @@ async def test_a_peer_that_answers_pings_stays_open() -> None:
         assert json.loads(event.data) == {"type": "pong", "id": 7}
 
 
-async def test_runs_complete_across_many_keepalive_rounds() -> None:
+async def test_runs_complete_across_many_keepalive_rounds(server_kind: str) -> None:
     async with (
-        open_server(ping_interval_s=0.05, ping_timeout_s=0.5) as server,
+        open_server(server_kind, ping_interval_s=0.05, ping_timeout_s=0.5) as server,
         connect(server) as client,
     ):
         accepted = await client.start(context=scripted(tools=2, tokens=10, delay_ms=40))
@@ -61,11 +61,14 @@ async def test_runs_complete_across_many_keepalive_rounds() -> None:
         await client.assert_quiet()
 
 
-async def test_a_dead_peer_with_data_pending_loses_its_slot_within_the_ping_deadline() -> None:
+async def test_a_dead_peer_with_data_pending_loses_its_slot_within_the_ping_deadline(
+    server_kind: str,
+) -> None:
     """A peer that neither reads nor answers pings is closed although its writer is stuck."""
-    settings = {"max_connections_per_user": 1, "max_queued_messages": 10**6}
+    settings = {"max_connections_per_user": 1, "max_queued_messages": 10**6,
+                "ping_interval_s": INTERVAL, "ping_timeout_s": PING_TIMEOUT}
     async with (
-        open_server(ping_interval_s=INTERVAL, ping_timeout_s=PING_TIMEOUT, **settings) as server,
+        open_server(server_kind, **settings) as server,
         raw_connect(server, "dead") as raw,
     ):
         flood = {"type": "start_agent", "request_id": "flood", "agent": "scripted",

@@ -21,7 +21,7 @@ from tests.harness._support import (
     start_in_flight,
     token,
     types,
-    wait_run_ended,
+    wait_runs_ended,
 )
 
 
@@ -84,8 +84,8 @@ async def test_cancel_from_another_socket_of_the_user_ends_the_run(server: Serve
     assert check_run(flight.held + rest)["status"] == "cancelled"
 
 
-async def test_agent_timeout_ends_the_run_timed_out_and_closes_its_tool() -> None:
-    async with open_server(agent_timeout_s=1.0) as server, connect(server) as client:
+async def test_agent_timeout_ends_the_run_timed_out_and_closes_its_tool(server_kind: str) -> None:
+    async with open_server(server_kind, agent_timeout_s=1.0) as server, connect(server) as client:
         accepted = await client.start(context=scripted(tools=1, tokens=10, delay_ms=400))
         events = await client.run_events(accepted["run_id"])
     payload = check_run(events)
@@ -96,23 +96,25 @@ async def test_agent_timeout_ends_the_run_timed_out_and_closes_its_tool() -> Non
     assert all(status in ("cancelled", "error") for status in tools)
 
 
-async def test_agent_timeout_with_no_tool_open() -> None:
-    async with open_server(agent_timeout_s=0.3) as server, connect(server) as client:
+async def test_agent_timeout_with_no_tool_open(server_kind: str) -> None:
+    async with open_server(server_kind, agent_timeout_s=0.3) as server, connect(server) as client:
         accepted = await client.start(context=scripted(tools=0, tokens=1, delay_ms=5000))
         events = await client.run_events(accepted["run_id"])
     assert types(events) == ["agent_started", "agent_completed"]
     assert check_run(events)["status"] == "timed_out"
 
 
-async def test_a_run_with_no_subscribed_socket_is_cancelled_after_detached_run_timeout() -> None:
+async def test_a_run_with_no_subscribed_socket_is_cancelled_after_detached_run_timeout(
+    server_kind: str,
+) -> None:
     async with (
-        open_server(detached_run_timeout_s=0.3) as server,
+        open_server(server_kind, detached_run_timeout_s=0.3) as server,
         connect(server, "alice") as unsubscribed,
     ):
         async with connect(server, "alice") as starter:
             flight = await start_in_flight(starter, scripted(tokens=100, delay_ms=100))
         closed_at = trio.current_time()
-        await wait_run_ended(flight.run_id, "alice")
+        await wait_runs_ended(server)
         assert trio.current_time() - closed_at < 3.0
         await unsubscribed.send({"type": "resume", "run_id": flight.run_id,
                                  "after_seq": flight.held[-1]["seq"]})
@@ -122,16 +124,19 @@ async def test_a_run_with_no_subscribed_socket_is_cancelled_after_detached_run_t
     assert isinstance(payload["error"], str)
 
 
-async def test_a_run_with_a_subscribed_socket_is_not_detached() -> None:
-    async with open_server(detached_run_timeout_s=0.2) as server, connect(server) as client:
+async def test_a_run_with_a_subscribed_socket_is_not_detached(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, detached_run_timeout_s=0.2) as server,
+        connect(server) as client,
+    ):
         accepted = await client.start(context=scripted(tools=1, tokens=8, delay_ms=80))
         events = await client.run_events(accepted["run_id"])
     assert events[-1]["ts"] - events[0]["ts"] > 0.5
     assert check_run(events)["status"] == "succeeded"
 
 
-async def test_resuming_before_detached_run_timeout_keeps_the_run_alive() -> None:
-    async with open_server(detached_run_timeout_s=0.5) as server:
+async def test_resuming_before_detached_run_timeout_keeps_the_run_alive(server_kind: str) -> None:
+    async with open_server(server_kind, detached_run_timeout_s=0.5) as server:
         async with connect(server) as first:
             flight = await start_in_flight(first, scripted(tools=1, tokens=10, delay_ms=100))
         async with connect(server) as second:
@@ -153,8 +158,10 @@ async def wait_until_not_retained(client: Client, run_id: str) -> None:
                 return
 
 
-async def test_after_retention_the_run_is_gone_and_its_request_id_starts_a_new_run() -> None:
-    async with open_server(retention_s=0.3) as server, connect(server) as client:
+async def test_after_retention_the_run_is_gone_and_its_request_id_starts_a_new_run(
+    server_kind: str,
+) -> None:
+    async with open_server(server_kind, retention_s=0.3) as server, connect(server) as client:
         first = await client.start("echo", "first", request_id="same")
         events = await client.run_events(first["run_id"])
         await client.send({"type": "resume", "run_id": first["run_id"], "after_seq": 0})
@@ -170,30 +177,31 @@ async def test_after_retention_the_run_is_gone_and_its_request_id_starts_a_new_r
         assert check_run(await client.run_events(second["run_id"]))["result"] == "second"
 
 
-async def test_stopping_the_server_cancels_runs_then_closes_sockets_1001() -> None:
-    async with open_server(shutdown_grace_s=3) as server:
-        assert server.stop is not None
-        async with (
-            connect(server, "alice") as a,
-            connect(server, "bob") as b,
-            connect(server, "bob") as idle,
-        ):
-            in_flight = [
-                await start_in_flight(a, scripted(tokens=100, delay_ms=100)),
-                await start_in_flight(b, scripted(tools=3, delay_ms=300), until="tool_executing"),
-            ]
-            stopped_at = trio.current_time()
-            server.stop.set()
-            await assert_shut_down(in_flight, [idle])
-            assert trio.current_time() - stopped_at < 3
-            with pytest.raises((OSError, trio_websocket.HandshakeError)):
-                async with connect(server, "carol", jwt=token("carol")):
-                    pass
-
-
-async def test_a_run_resumed_elsewhere_outlives_the_socket_that_started_it() -> None:
+async def test_stopping_the_server_cancels_runs_then_closes_sockets_1001(server_kind: str) -> None:
     async with (
-        open_server(detached_run_timeout_s=0.2) as server,
+        open_server(server_kind, shutdown_grace_s=3) as server,
+        connect(server, "alice") as a,
+        connect(server, "bob") as b,
+        connect(server, "bob") as idle,
+    ):
+        in_flight = [
+            await start_in_flight(a, scripted(tokens=100, delay_ms=100)),
+            await start_in_flight(b, scripted(tools=3, delay_ms=300), until="tool_executing"),
+        ]
+        stopped_at = trio.current_time()
+        server.shut_down()
+        await assert_shut_down(in_flight, [idle])
+        assert trio.current_time() - stopped_at < 3
+        with pytest.raises((OSError, trio_websocket.HandshakeError)):
+            async with connect(server, "carol", jwt=token("carol")):
+                pass
+
+
+async def test_a_run_resumed_elsewhere_outlives_the_socket_that_started_it(
+    server_kind: str,
+) -> None:
+    async with (
+        open_server(server_kind, detached_run_timeout_s=0.2) as server,
         connect(server) as follower,
     ):
         async with connect(server) as starter:

@@ -33,8 +33,11 @@ async def cancel_and_finish(client: Client, run_id: str) -> Frame:
     return check_run(await client.run_events(run_id))
 
 
-async def test_rate_limited_at_max_active_runs_per_user() -> None:
-    async with open_server(max_active_runs_per_user=2) as server, connect(server) as client:
+async def test_rate_limited_at_max_active_runs_per_user(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_active_runs_per_user=2) as server,
+        connect(server) as client,
+    ):
         runs = [await client.start(context=LONG) for _ in range(2)]
         await refused(client, "rate_limited")
         async with connect(server, "alice") as second_socket:
@@ -49,8 +52,11 @@ async def test_rate_limited_at_max_active_runs_per_user() -> None:
         assert [check_run(streams[run_id])["status"] for run_id in run_ids] == ["cancelled"] * 2
 
 
-async def test_a_run_that_ended_frees_its_slot() -> None:
-    async with open_server(max_active_runs_per_user=1) as server, connect(server) as client:
+async def test_a_run_that_ended_frees_its_slot(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_active_runs_per_user=1) as server,
+        connect(server) as client,
+    ):
         for _ in range(3):
             accepted = await client.start("echo")
             check_run(await client.run_events(accepted["run_id"]))
@@ -61,8 +67,11 @@ async def test_a_run_that_ended_frees_its_slot() -> None:
         check_run(await client.run_events(accepted["run_id"]))
 
 
-async def test_duplicate_is_answered_at_max_active_runs_per_user() -> None:
-    async with open_server(max_active_runs_per_user=1) as server, connect(server) as client:
+async def test_duplicate_is_answered_at_max_active_runs_per_user(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_active_runs_per_user=1) as server,
+        connect(server) as client,
+    ):
         request_id = unique()
         first = await client.start(request_id=request_id, context=LONG)
         again = await client.start(request_id=request_id, context=LONG)
@@ -70,9 +79,9 @@ async def test_duplicate_is_answered_at_max_active_runs_per_user() -> None:
         await cancel_and_finish(client, first["run_id"])
 
 
-async def test_overloaded_at_max_active_runs() -> None:
+async def test_overloaded_at_max_active_runs(server_kind: str) -> None:
     async with (
-        open_server(max_active_runs=2) as server,
+        open_server(server_kind, max_active_runs=2) as server,
         connect(server, "alice") as alice,
         connect(server, "bob") as bob,
         connect(server, "carol") as carol,
@@ -88,9 +97,9 @@ async def test_overloaded_at_max_active_runs() -> None:
         await cancel_and_finish(carol, third["run_id"])
 
 
-async def test_duplicate_is_answered_at_max_active_runs() -> None:
+async def test_duplicate_is_answered_at_max_active_runs(server_kind: str) -> None:
     async with (
-        open_server(max_active_runs=1) as server,
+        open_server(server_kind, max_active_runs=1) as server,
         connect(server, "alice") as alice,
         connect(server, "alice") as other_socket,
     ):

@@ -1,36 +1,14 @@
-"""The reference client (harness/client.py) against the real server on 127.0.0.1."""
+"""The reference client (harness/client.py) against both real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 
-from harness._auth import mint_token
-from harness._server import serve
-from harness.agents import demo_agents
 from harness.client import ChatError, ChatUnavailable, format_event, open_chat
-from registry import Config
-
-SECRET = "reference-client-test-secret-0123456789"
-
-
-@asynccontextmanager
-async def running_server(**settings: Any) -> AsyncIterator[str]:
-    config = Config(auth_secret=SECRET, **settings)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve(
-            config, port=0, agents=demo_agents(), stop=stop, task_status=task_status))
-        yield f"ws://127.0.0.1:{port}/ws"
-        stop.set()
-
-
-def token(user: str = "alice") -> str:
-    return mint_token(SECRET, user)
+from tests.harness._support import Server, token, unique
 
 
 async def collect(chat: Any, agent: str, message: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -44,17 +22,17 @@ def assert_complete_run(events: list[dict[str, Any]], expected: int) -> None:
     assert len({e["run_id"] for e in events}) == 1
 
 
-async def test_a_run_yields_every_event_once_in_order() -> None:
-    async with running_server() as url, open_chat(url, token()) as chat:
+async def test_a_run_yields_every_event_once_in_order(server: Server) -> None:
+    async with open_chat(server.url(), token("alice")) as chat:
         events = await collect(chat, "scripted", "hi", context={"tools": 2, "tokens": 4,
                                                                  "delay_ms": 0})
     assert_complete_run(events, 3 + 2 * 2 + 4)
     assert events[-1]["payload"] == {"status": "succeeded", "result": {"tools": 2, "tokens": 4}}
 
 
-async def test_three_forced_disconnects_lose_and_repeat_nothing() -> None:
+async def test_three_forced_disconnects_lose_and_repeat_nothing(server: Server) -> None:
     tokens = 60
-    async with running_server() as url, open_chat(url, token()) as chat:
+    async with open_chat(server.url(), token("alice")) as chat:
         events = []
         drops_at = {10, 25, 45}
         async for event in chat.run("scripted", "x", context={"tools": 1, "tokens": tokens,
@@ -66,26 +44,26 @@ async def test_three_forced_disconnects_lose_and_repeat_nothing() -> None:
     assert_complete_run(events, 3 + 2 + tokens)
 
 
-async def test_drop_before_run_accepted_resends_start_with_same_request_id() -> None:
-    async with running_server() as url, open_chat(url, token()) as chat:
+async def test_drop_before_run_accepted_resends_start_with_same_request_id(server: Server) -> None:
+    async with open_chat(server.url(), token("alice")) as chat:
         await chat.drop_connection()  # the start below goes out on the next socket
-        events = await collect(chat, "echo", "again", request_id="req-fixed")
+        events = await collect(chat, "echo", "again", request_id=unique("req-fixed"))
     assert_complete_run(events, 3)
     assert events[-1]["payload"]["result"] == "again"
 
 
-async def test_a_second_chat_with_the_same_request_id_follows_the_same_run() -> None:
+async def test_a_second_chat_with_the_same_request_id_follows_the_same_run(server: Server) -> None:
     context = {"tools": 0, "tokens": 20, "delay_ms": 5}
+    shared = unique("shared")
     results: dict[str, list[dict[str, Any]]] = {}
 
     async def follow(name: str, chat: Any) -> None:
-        results[name] = await collect(chat, "scripted", "m", request_id="shared",
+        results[name] = await collect(chat, "scripted", "m", request_id=shared,
                                       context=context)
 
     async with (
-        running_server() as url,
-        open_chat(url, token()) as first,
-        open_chat(url, token()) as second,
+        open_chat(server.url(), token("alice")) as first,
+        open_chat(server.url(), token("alice")) as second,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(follow, "first", first)
@@ -94,8 +72,8 @@ async def test_a_second_chat_with_the_same_request_id_follows_the_same_run() -> 
     assert_complete_run(results["first"], 3 + 20)
 
 
-async def test_server_errors_raise_chat_error() -> None:
-    async with running_server() as url, open_chat(url, token()) as chat:
+async def test_server_errors_raise_chat_error(server: Server) -> None:
+    async with open_chat(server.url(), token("alice")) as chat:
         with pytest.raises(ChatError) as caught:
             await collect(chat, "no-such-agent", "hi")
         assert caught.value.code == "unknown_agent"
@@ -104,11 +82,10 @@ async def test_server_errors_raise_chat_error() -> None:
         assert caught.value.field == "context.tools"
 
 
-async def test_bad_token_is_unavailable_not_retried_forever() -> None:
-    async with running_server() as url:
-        with pytest.raises(ChatUnavailable, match="401"):
-            async with open_chat(url, "not-a-jwt"):
-                pass
+async def test_bad_token_is_unavailable_not_retried_forever(server: Server) -> None:
+    with pytest.raises(ChatUnavailable, match="401"):
+        async with open_chat(server.url(), "not-a-jwt"):
+            pass
 
 
 def test_format_event_is_one_readable_line() -> None:

@@ -12,7 +12,7 @@ from tests.harness._support import (
     connect,
     open_server,
     scripted,
-    wait_run_ended,
+    wait_runs_ended,
 )
 
 STREAM = scripted(tools=2, tokens=20, delay_ms=15)
@@ -66,7 +66,7 @@ async def test_resume_after_the_run_ended_while_disconnected(server: Server) -> 
     async with connect(server) as first:
         run_id = (await first.start(context=STREAM))["run_id"]
         held = await first.events_until(run_id, lambda e: e["seq"] >= 2)
-    await wait_run_ended(run_id, "alice")
+    await wait_runs_ended(server)
     async with connect(server) as second:
         await second.send(resume(run_id, held[-1]["seq"]))
         rest = await second.run_events(run_id)
@@ -178,8 +178,11 @@ async def test_acks_are_cumulative_and_never_lower(server: Server) -> None:
         assert await client.run_events(run_id) == events[8:]
 
 
-async def test_max_retained_events_per_run_keeps_the_newest() -> None:
-    async with open_server(max_retained_events_per_run=5) as server, connect(server) as client:
+async def test_max_retained_events_per_run_keeps_the_newest(server_kind: str) -> None:
+    async with (
+        open_server(server_kind, max_retained_events_per_run=5) as server,
+        connect(server) as client,
+    ):
         run_id, events = await finished_run(client, context=scripted(tools=0, tokens=10))
         assert len(events) == 13
         for after_seq in (0, 1, 7):
