@@ -6,7 +6,8 @@ the serialized event in each subscribed socket's unbounded outbox, which that so
 task drains with ``WebSocketConnection.send_message``). It keeps what a fair comparison needs
 and nothing more: optional JWT auth (on when ``REGISTRY_AUTH_SECRET`` is set), ``start_agent``
 (``scripted``, ``research``, ``echo``), an in-memory log per run so ``resume`` can replay,
-``ack`` (ignored), ``cancel`` and ``ping``. No limits, no backpressure, no keepalive, no
+``ack`` (ignored), ``cancel`` and ``ping``; ``/metrics`` serves the garbage collector's pauses
+(:mod:`benchmarks.gcwatch`). No limits, no backpressure, no keepalive, no
 timeouts, no lifecycle.
 
 Run: ``python -m benchmarks.baseline_trio [--host 127.0.0.1] [--port 0]``; the first stdout line
@@ -32,6 +33,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from benchmarks import serverkit
 from benchmarks.agents import Step, envelope
+from benchmarks.gcwatch import GcPauses
 
 
 @final
@@ -88,11 +90,20 @@ class Baseline:
     fault_every: int = 0
     fault: int = 1
     emitted: int = 0
+    gc: GcPauses = attrs.field(factory=GcPauses)
     runs: dict[str, Run] = attrs.field(factory=dict)
     requests: dict[tuple[str, str], str] = attrs.field(factory=dict)
 
     async def handle(self, request: WebSocketRequest) -> None:
-        """Serve one connection: check path and auth, then read and write until it closes."""
+        """Serve one connection: check path and auth, then read and write until it closes.
+
+        ``/metrics`` (the collector's pauses) is answered as a refused handshake with status 200:
+        trio-websocket only hands over WebSocket handshakes, so a scraper must send one.
+        """
+        if serverkit.path_of(request.path) == "/metrics":
+            body = self.gc.metrics_text().encode()
+            await request.reject(200, extra_headers=[(b"content-type", b"text/plain")], body=body)
+            return
         if serverkit.path_of(request.path) != "/ws":
             await request.reject(404)
             return
@@ -208,9 +219,6 @@ class Baseline:
         return run if run is not None and run.user == user else None
 
 
-
-
-
 async def serve(host: str, port: int, state_args: dict[str, Any]) -> None:
     """Serve until SIGINT or SIGTERM, printing the listening line once accepting."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -218,9 +226,10 @@ async def serve(host: str, port: int, state_args: dict[str, Any]) -> None:
             state = Baseline(nursery, **state_args)
             server = await nursery.start(serve_websocket, state.handle, host, port, None)
             print(serverkit.listening_line(host, server.port), flush=True)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+            with state.gc:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,7 @@ class CountingSubscriber:
 
 
 async def _emitter(ctx: AgentContext) -> Any:
-    for i in range(int(ctx.context["events"])):
+    for i in range(int(ctx.options["events"])):
         await ctx.partial("t")
         del i
     return None

@@ -5,6 +5,9 @@ Each run worker owns one socket and starts ``scripted`` runs back to back, check
 with the pure :class:`loadtests.checker.ClientChecker` and recording its delivery latency
 (receive wall time - ``ts``) in HDR histograms. It speaks PROTOCOL.md (``native``: the registry,
 the trio baseline and the ``websockets`` peer) or Socket.IO over a WebSocket (``socketio``).
+The runner uses it for the ``drops`` and ``idle`` scenarios; the measurements of rate and
+latency use the lighter :mod:`benchmarks.leangen` (a trio-websocket client costs about twice the
+CPU per event and adds its own delays at high rates).
 
 Modes (``python -m benchmarks.loadgen MODE --url ws://127.0.0.1:PORT/ws ...``):
 
@@ -47,30 +50,18 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto.utilities import LocalProtocolError
 
 from benchmarks import sio_frames
+from benchmarks.genkit import raise_fd_limit, user_name
 from loadtests import wire
 from loadtests.checker import ClientChecker, Violation
 from loadtests.latency import new_histogram, record_ms, summarize
 from loadtests.tally import Tally
 
-SOCKETS_PER_USER = 4
-"""Sockets sharing one user id: below the server's max_connections_per_user (5) with room for
-a reconnect while the server has not yet noticed the dropped socket."""
-ACK_EVERY = 10
-
 
 class ConnectFailed(Exception):
     """A WebSocket (or Socket.IO) handshake failed."""
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 @attrs.frozen
@@ -142,6 +133,29 @@ def _objects(text: str | bytes) -> list[dict[str, Any]]:
     return [frame] if isinstance(frame, dict) else []
 
 
+_CONNECT_ERRORS = (HandshakeError, OSError, trio.TooSlowError, ConnectionClosed)
+
+
+async def _client_connection(
+    stream: trio.SocketStream,
+    netloc: str,
+    resource: str,
+    task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Handshake, then hold the connection's reader task in a nursery of its own.
+
+    trio-websocket's reader task fails with ``LocalProtocolError`` when the server's keepalive
+    ping arrives while this side is closing (it tries to answer with a pong): that ends this
+    connection only, not the whole generator.
+    """
+    try:
+        async with trio.open_nursery() as own:
+            ws = await wrap_client_stream(own, stream, netloc, resource, message_queue_size=64)
+            task_status.started(ws)
+    except* LocalProtocolError:
+        pass
+
+
 async def connect(nursery: trio.Nursery, target: Target, user: str) -> Conn:
     """Open a socket for ``user`` whose reader task runs in ``nursery``.
 
@@ -153,12 +167,15 @@ async def connect(nursery: trio.Nursery, target: Target, user: str) -> Conn:
     try:
         with trio.fail_after(30):
             stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
-            ws = await wrap_client_stream(nursery, stream, url.netloc, resource,
-                                          message_queue_size=64)
+            ws = await nursery.start(_client_connection, stream, url.netloc, resource)
             if target.flavor == "socketio":
                 await _socketio_handshake(ws)
-    except (HandshakeError, OSError, trio.TooSlowError, ConnectionClosed) as exc:
+    except _CONNECT_ERRORS as exc:
         raise ConnectFailed(repr(exc)) from exc
+    except ExceptionGroup as group:  # a handshake failure, from the connection's own nursery
+        if group.split(_CONNECT_ERRORS)[1] is not None:
+            raise
+        raise ConnectFailed(repr(group)) from group
     return Conn(ws, target.flavor, stream)
 
 
@@ -361,11 +378,6 @@ class Worker:
             return
         with contextlib.suppress(ConnectionClosed):
             await self.conn.send(frame)
-
-
-def user_name(prefix: str, index: int) -> str:
-    """Return the user id of socket ``index`` (SOCKETS_PER_USER sockets per user)."""
-    return f"{prefix}-{index // SOCKETS_PER_USER}"
 
 
 async def open_workers(

@@ -4,7 +4,8 @@ Same wire subset as the trio baseline (PROTOCOL.md envelope, ``start_agent`` wit
 ``scripted`` agent, optional JWT), built the obvious way: a run is an asyncio task that
 ``await ws.send()``s each event to the sockets subscribed to it. There is no event log, so
 ``resume`` only re-subscribes a socket to the live stream (``after_seq`` is ignored): whatever
-was emitted while the client was away is lost. ``ack`` is accepted and ignored.
+was emitted while the client was away is lost. ``ack`` is accepted and ignored. ``GET
+/metrics`` answers the garbage collector's pauses (:mod:`benchmarks.gcwatch`).
 
 Run: ``python -m benchmarks.peer_websockets [--host 127.0.0.1] [--port 0]``; the first stdout
 line is ``listening on ws://HOST:PORT/ws``; SIGINT/SIGTERM exit 0.
@@ -30,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from benchmarks import serverkit
 from benchmarks.agents import Step, envelope
+from benchmarks.gcwatch import GcPauses
 
 
 @final
@@ -49,12 +51,16 @@ class PeerServer:
     """Runs by id and by (user, request_id); tasks are kept so they are not collected."""
 
     secret: str | None
+    gc: GcPauses = attrs.field(factory=GcPauses)
     runs: dict[str, PeerRun] = attrs.field(factory=dict)
     requests: dict[tuple[str, str], str] = attrs.field(factory=dict)
     tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Handshake hook: 404 for another path, 401 without a valid token."""
+        """Handshake hook: the collector's pauses on ``/metrics``, 404 for another path, 401
+        without a valid token."""
+        if serverkit.path_of(request.path) == "/metrics":
+            return connection.respond(HTTPStatus.OK, self.gc.metrics_text())
         if serverkit.path_of(request.path) != "/ws":
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         headers = [(k.encode(), v.encode()) for k, v in request.headers.raw_items()]
@@ -111,9 +117,6 @@ class PeerServer:
         task.add_done_callback(self.tasks.discard)
 
 
-
-
-
 async def drive(run: PeerRun, steps: list[Step]) -> None:
     """Walk the agent's steps, sending each event to the current subscribers."""
     for seq, step in enumerate(steps, start=1):
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     state = PeerServer(os.environ.get("REGISTRY_AUTH_SECRET") or None)
-    asyncio.run(serve_until_signalled(args.host, args.port, state))
+    with state.gc:
+        asyncio.run(serve_until_signalled(args.host, args.port, state))
     return 0
 
 

@@ -16,7 +16,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks import reporting_lean as lean
+
 Results = Mapping[str, Mapping[str, Any]]
+SCENARIO_FILES = ("sweep", "fanout", "idle", "drops", "active", "soak", "retained")
 KINDS = ("lost", "duplicate", "reordered", "foreign", "unterminated", "unpaired_tool", "malformed")
 GOALS = {
     "fanout_p95_ms": 10.0,
@@ -24,12 +27,15 @@ GOALS = {
     "idle_sockets": 10_000,
     "idle_kib_per_socket": 30.0,
     "overhead_pct": 20.0,
+    "max_rate": 12_000.0,
+    "active_cpu_x_websockets": 1.0,
+    "gc_pause_ms": lean.GC_PAUSE_LIMIT_MS,
 }
 
 
 def overhead(results: Results) -> dict[str, Any]:
     """Return registry-vs-baseline ratios: max sustained rate, p99 at common rates, fan-out."""
-    sweeps, fan = results["sweep"], results["fanout"]
+    sweeps, fan = results.get("sweep", {}), results.get("fanout", {})
     if "registry" not in sweeps or "baseline" not in sweeps:
         return {}
     reg, base = sweeps["registry"], sweeps["baseline"]
@@ -88,14 +94,29 @@ def guarantees(result: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def load_results(out: Path) -> dict[str, Any]:
+    """Return every scenario's results found in ``<out>/*.json``."""
+    return {
+        name: json.loads((out / f"{name}.json").read_text())
+        for name in SCENARIO_FILES
+        if (out / f"{name}.json").exists()
+    }
+
+
+def problems(results: Results, failures: list[str]) -> list[str]:
+    """Return why the session failed: scenarios that did not run, a registry violation in
+    any scenario, or any violation of any server in the lean scenarios."""
+    return [*registry_problems(results, failures), *lean.lean_problems(results)]
+
+
 def registry_problems(results: Results, failures: list[str]) -> list[str]:
     """Return why the session failed: scenarios that did not run, registry violations."""
     problems = list(failures)
     for scenario in ("fanout", "drops"):
-        result = results[scenario].get("registry")
+        result = results.get(scenario, {}).get("registry")
         if result and any(result["tally"]["violations"].values()):
             problems.append(f"registry {scenario}: violations {result['tally']['violations']}")
-    for step in results["sweep"].get("registry", {}).get("steps", []):
+    for step in results.get("sweep", {}).get("registry", {}).get("steps", []):
         if any(step["tally"]["violations"].values()):
             problems.append(f"registry sweep {step['offered_rate']}: {step['tally']['violations']}")
     return problems
@@ -107,22 +128,28 @@ def write_json(out: Path, name: str, data: Any) -> None:
 
 
 def write_all(
-    results: Results, machine: Mapping[str, Any], failures: list[str], out: Path, report_path: Path
+    results: Results,
+    machine: Mapping[str, Any],
+    failures: list[str],
+    out: Path,
+    report_path: Path,
+    before_dir: Path | None = None,
 ) -> list[str]:
-    """Write every JSON, PNG and the report; return the session's problems."""
+    """Write the derived JSON, every PNG and the report from ``results`` (every scenario found);
+    return their problems."""
     derived = {
         "overhead": overhead(results),
-        "guarantees": {k: guarantees(v) for k, v in results["drops"].items()},
+        "guarantees": {k: guarantees(v) for k, v in results.get("drops", {}).items()},
+        "before": lean.load_before(before_dir),
     }
-    problems = registry_problems(results, failures)
-    for scenario, data in results.items():
-        write_json(out, scenario, data)
+    found = problems(results, failures)
     write_json(out, "overhead", derived["overhead"])
-    write_json(out, "peers", peers_table(results, derived))
-    write_json(out, "run", {**machine, "failures": failures, "problems": problems})
+    if {"sweep", "fanout"} <= results.keys():
+        write_json(out, "peers", peers_table(results, derived))
+    write_json(out, "run", {**machine, "failures": failures, "problems": found})
     plot_all(results, out)
-    report_path.write_text(render(results, derived, machine, problems, out, report_path))
-    return problems
+    report_path.write_text(render(results, derived, machine, found, out, report_path))
+    return found
 
 
 def peers_table(results: Results, derived: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -130,7 +157,7 @@ def peers_table(results: Results, derived: Mapping[str, Any]) -> dict[str, dict[
     table: dict[str, dict[str, Any]] = {}
     for name, sweep in results["sweep"].items():
         first = sweep["steps"][0] if sweep["steps"] else None
-        fan = results["fanout"].get(name)
+        fan = results.get("fanout", {}).get(name)
         table[name] = {
             "max_sustained_rate": sweep["max_sustained_rate"],
             "p99_ms_at_lowest_rate": first["latency_ms"]["p99"] if first else None,
@@ -216,25 +243,33 @@ def plot_idle(results: Results, out: Path) -> None:
 
 
 def plot_all(results: Results, out: Path) -> None:
-    """Draw every PNG."""
-    plot_sweep(results, out)
-    fan = {
-        n: {k: r["latency_ms"][k] for k in ("p50", "p95", "p99")}
-        for n, r in results["fanout"].items()
-    }
-    plot_bars(
-        fan,
-        out / "fanout_latency.png",
-        "Fan-out: latency (ms)",
-        "ms",
-        {"p95 goal": GOALS["fanout_p95_ms"], "p99 goal": GOALS["fanout_p99_ms"]},
-    )
-    plot_idle(results, out)
-    lost = {
-        n: {k: float(v) for k, v in guarantees(r)["violations"].items() if v}
-        for n, r in results["drops"].items()
-    }
-    plot_bars(lost, out / "drops_violations.png", "Socket drops: violations by kind", "events")
+    """Draw every PNG the results allow."""
+    if "sweep" in results:
+        plot_sweep(results, out)
+    if "fanout" in results:
+        fan = {
+            n: {k: r["latency_ms"][k] for k in ("p50", "p95", "p99")}
+            for n, r in results["fanout"].items()
+        }
+        plot_bars(
+            fan,
+            out / "fanout_latency.png",
+            "Fan-out: latency (ms)",
+            "ms",
+            {"p95 goal": GOALS["fanout_p95_ms"], "p99 goal": GOALS["fanout_p99_ms"]},
+        )
+    if "idle" in results:
+        plot_idle(results, out)
+    if "drops" in results:
+        lost = {
+            n: {k: float(v) for k, v in guarantees(r)["violations"].items() if v}
+            for n, r in results["drops"].items()
+        }
+        plot_bars(lost, out / "drops_violations.png", "Socket drops: violations by kind", "events")
+    if "active" in results:
+        lean.plot_active(results["active"], out)
+    if "soak" in results:
+        lean.plot_soak(results["soak"], out)
 
 
 def render(
@@ -245,18 +280,29 @@ def render(
     out: Path,
     report_path: Path,
 ) -> str:
-    """Return REPORT.md."""
+    """Return REPORT.md: a section for every scenario present, in a fixed order."""
     rel = _relative(out, report_path.parent)
-    parts = [
-        _header(machine, problems),
-        _goals(results, derived),
-        _sweep_section(results, rel),
-        _fanout_section(results, rel),
-        _idle_section(results, rel),
-        _overhead_section(derived["overhead"]),
-        _drops_section(derived["guarantees"], rel),
-        _method(),
+    sections: list[tuple[str, Any]] = [
+        ("sweep", lambda n: _sweep_section(results, rel, n)),
+        ("fanout", lambda n: _fanout_section(results, rel, n)),
+        ("idle", lambda n: _idle_section(results, rel, n)),
+        ("overhead", lambda n: _overhead_section(derived["overhead"], n)),
+        ("drops", lambda n: _drops_section(derived["guarantees"], rel, n)),
+        ("active", lambda n: lean.active_section(results["active"], rel, n)),
+        ("soak", lambda n: lean.soak_section(results["soak"], rel, n)),
+        ("retained", lambda n: lean.retained_section(results["retained"], n)),
+        ("before", lambda n: lean.before_section(results, derived["before"], n)),
     ]
+    present = {*results, "overhead", "before"} if derived["overhead"] else {*results, "before"}
+    parts = [_header(machine, problems), _goals(results, derived)]
+    number = 1
+    for name, section in sections:
+        if name in present:
+            text = section(number)
+            if text:
+                parts.append(text)
+                number += 1
+    parts.append(_method())
     return "\n\n".join(parts) + "\n"
 
 
@@ -270,57 +316,101 @@ def _relative(out: Path, base: Path) -> str:
 
 def _header(machine: Mapping[str, Any], problems: list[str]) -> str:
     """Return the report's title, run description and problems."""
-    kind = "smoke (small scale)" if machine["smoke"] else "full"
+    kind = "smoke (small scale)" if machine["smoke"] else "full scale"
+    measured = machine.get("measured", {})
     lines = [
-        f"# Benchmarks — {kind} run, {machine['started_at']} UTC",
+        f"# Benchmarks — {kind}, last session {machine['started_at']} UTC",
         "",
         f"{machine['cpus']} CPUs, Python {machine['python']}, {machine['platform']}, "
-        f"fd limit {machine['fd_limit']}, took {machine['duration_s']} s, load average at the "
+        f"fd limit {machine['fd_limit']}, the last session took {machine['duration_s']} s "
+        f"({', '.join(machine.get('scenarios', [])) or 'every scenario'}), load average at its "
         f"end {machine.get('load_average_at_end')}. Server and load generator are separate "
         "processes on the same (shared, noisy) machine; compare servers through the ratios "
         "measured in this same run. Registry and baseline sweep/fan-out figures are the "
         "median-p99 trial of three interleaved trials (full run).",
     ]
+    if measured:
+        when = ", ".join(f"{name} {stamp}" for name, stamp in sorted(measured.items()))
+        lines += ["", f"Each section was last measured at (UTC): {when}."]
     if problems:
         lines += ["", "**Problems:**", *[f"- {p}" for p in problems]]
     return "\n".join(lines)
 
 
-def _goal_rows(results: Results, derived: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Return (goal, measured or None, goal value) rows: measured must be <= the goal value,
-    except for sockets held, which must be >= it."""
-    fan = results["fanout"].get("registry")
+Goal = tuple[str, Any, Any, str]
+"""(goal, measured or None, target, ``<=`` or ``>=``)."""
+
+
+def _goal_rows(results: Results, derived: Mapping[str, Any]) -> list[Goal]:
+    """Return the registry's goals, classic scenarios first."""
+    fan = results.get("fanout", {}).get("registry")
     lat = fan["latency_ms"] if fan else {}
-    levels = results["idle"].get("registry", {}).get("levels", [])
+    levels = results.get("idle", {}).get("registry", {}).get("levels", [])
     top = levels[-1] if levels else {}
     ovh = derived["overhead"]
     return [
-        ("fan-out p95 (ms)", lat.get("p95"), GOALS["fanout_p95_ms"]),
-        ("fan-out p99 (ms)", lat.get("p99"), GOALS["fanout_p99_ms"]),
-        ("idle sockets held (answering ping)", top.get("alive"), top.get("level")),
-        (
-            "server RSS per idle socket (KiB)",
-            top.get("kib_per_socket"),
-            GOALS["idle_kib_per_socket"],
-        ),
-        (
-            "max sustained rate overhead vs baseline (%)",
-            ovh.get("rate_overhead_pct"),
-            GOALS["overhead_pct"],
-        ),
-        ("p99 overhead vs baseline (%)", ovh.get("p99_overhead_pct"), GOALS["overhead_pct"]),
+        ("fan-out p95 (ms)", lat.get("p95"), GOALS["fanout_p95_ms"], "<="),
+        ("fan-out p99 (ms)", lat.get("p99"), GOALS["fanout_p99_ms"], "<="),
+        ("idle sockets held (answering ping)", top.get("alive"), top.get("level"), ">="),
+        ("server RSS per idle socket (KiB)", top.get("kib_per_socket"),
+         GOALS["idle_kib_per_socket"], "<="),
+        *_rate_goals(results),
+        ("max sustained rate overhead vs baseline (%)", ovh.get("rate_overhead_pct"),
+         GOALS["overhead_pct"], "<="),
+        ("p99 overhead vs baseline (%)", ovh.get("p99_overhead_pct"), GOALS["overhead_pct"], "<="),
+        *_lean_goals(results),
     ]
+
+
+def _rate_goals(results: Results) -> list[Goal]:
+    """The max-sustained-rate goals: 12,000 events/s, ahead of socketio, at least the baseline."""
+    rates = {name: s["max_sustained_rate"] for name, s in results.get("sweep", {}).items()}
+    mine = rates.get("registry")
+
+    def versus(other: str) -> float | None:
+        theirs = rates.get(other)
+        return round(mine / theirs, 3) if mine is not None and theirs else None
+
+    return [
+        ("max sustained rate, p99 <= 50 ms (events/s)", mine, GOALS["max_rate"], ">="),
+        ("max sustained rate vs python-socketio (x)", versus("socketio"), 1.0, ">="),
+        ("max sustained rate vs bare trio baseline (x)", versus("baseline"), 1.0, ">="),
+    ]
+
+
+def _lean_goals(results: Results) -> list[Goal]:
+    """The goals of the active and soak scenarios."""
+    rows: list[Goal] = []
+    active = lean.active_summary(results.get("active", {})).get("registry")
+    if active:
+        rows += [
+            ("active: CPU per event vs websockets peer (x)", active["x_websockets"],
+             GOALS["active_cpu_x_websockets"], "<="),
+            ("active: violations (lost/dup/reordered/foreign...)", active["violations"], 0, "<="),
+            ("active: longest GC pause (ms)", active["gc_longest_ms"], GOALS["gc_pause_ms"], "<="),
+        ]
+    if results.get("soak"):
+        for check in lean.soak_verdict(results["soak"]):
+            if check["met"] is None and check["measured"] is not None:
+                continue  # shown for information in the soak section
+            rows.append((f"soak: {check['check']}", check["measured"], check["limit"],
+                         "met" if check["met"] else "missed"))
+    return rows
 
 
 def _goals(results: Results, derived: Mapping[str, Any]) -> str:
     """Return the goals table for the registry."""
     lines = ["## Goals (registry)", "", "| goal | measured | target | |", "|---|---:|---:|---|"]
-    for goal, value, target in _goal_rows(results, derived):
+    for goal, value, target, rule in _goal_rows(results, derived):
         if value is None or target is None:
             lines.append(f"| {goal} | n/a | {target} | n/a |")
             continue
-        ok = value >= target if goal.startswith("idle sockets") else value <= target
-        lines.append(f"| {goal} | {value} | {target} | {'met' if ok else '**missed**'} |")
+        if rule in ("met", "missed"):
+            ok = rule == "met"
+        else:
+            ok = value >= target if rule == ">=" else value <= target
+        target_text = f"{rule} {target}" if rule in ("<=", ">=") else target
+        lines.append(f"| {goal} | {value} | {target_text} | {'met' if ok else '**missed**'} |")
     return "\n".join(lines)
 
 
@@ -344,11 +434,13 @@ def _sweep_rows(results: Results) -> Iterator[list[Any]]:
                 lat["p95"],
                 lat["p99"],
                 s["server_cpu_percent"],
+                s.get("cpu_us_per_event"),
                 s["loadgen_cpu_percent"],
+                (s.get("window") or {}).get("other_processes_cpu_percent"),
             ]
 
 
-def _sweep_section(results: Results, rel: str) -> str:
+def _sweep_section(results: Results, rel: str, number: int) -> str:
     """Return the latency-vs-rate section."""
     headers = [
         "server",
@@ -358,18 +450,24 @@ def _sweep_section(results: Results, rel: str) -> str:
         "p95 ms",
         "p99 ms",
         "server CPU %",
+        "CPU us/event",
         "loadgen CPU %",
+        "other processes CPU %",
     ]
     best = ", ".join(
         f"{n} **{s['max_sustained_rate']:.0f}/s**" for n, s in results["sweep"].items()
     )
     lines = [
-        "## 1. Latency vs offered event rate",
+        f"## {number}. Latency vs offered event rate",
         "",
         f"![latency vs rate]({rel}/latency_vs_rate.png) "
         f"![achieved vs offered]({rel}/achieved_vs_offered.png)",
         "",
         *_table(headers, _sweep_rows(results)),
+        "",
+        "Other processes CPU % = the machine's busy CPU time over the window minus the "
+        "server's and the generator's (200 % = both cores): a step with a high figure was "
+        "disturbed by something else on this shared machine.",
         "",
         "Max sustained rate = highest achieved rate of a step with p99 <= 50 ms and not "
         "saturated (achieved/offered >= 80 % of that server's ratio at the lowest rate): " + best,
@@ -377,10 +475,10 @@ def _sweep_section(results: Results, rel: str) -> str:
     return "\n".join(lines)
 
 
-def _fanout_section(results: Results, rel: str) -> str:
+def _fanout_section(results: Results, rel: str, number: int) -> str:
     """Return the fan-out section."""
     lines = [
-        "## 2. Fan-out: many sockets, concurrent runs",
+        f"## {number}. Fan-out: many sockets, concurrent runs",
         "",
         f"![fan-out]({rel}/fanout_latency.png)",
         "",
@@ -396,10 +494,10 @@ def _fanout_section(results: Results, rel: str) -> str:
     return "\n".join(lines)
 
 
-def _idle_section(results: Results, rel: str) -> str:
+def _idle_section(results: Results, rel: str, number: int) -> str:
     """Return the idle-sockets section."""
     lines = [
-        "## 3. Idle sockets and server memory",
+        f"## {number}. Idle sockets and server memory",
         "",
         f"![idle RSS]({rel}/idle_rss.png)",
         "",
@@ -419,13 +517,14 @@ def _idle_section(results: Results, rel: str) -> str:
     return "\n".join(lines)
 
 
-def _overhead_section(ovh: Mapping[str, Any]) -> str:
+def _overhead_section(ovh: Mapping[str, Any], number: int) -> str:
     """Return the registry-overhead section."""
     if not ovh:
-        return "## 4. Registry overhead\n\nNot measured (registry or baseline sweep missing)."
+        missing = "Not measured (registry or baseline sweep missing)."
+        return f"## {number}. Registry overhead\n\n{missing}"
     return "\n".join(
         [
-            "## 4. Registry overhead vs the bare trio-websocket baseline",
+            f"## {number}. Registry overhead vs the bare trio-websocket baseline",
             "",
             f"- max sustained rate: registry {ovh['max_rate_registry']:.0f}/s, baseline "
             f"{ovh['max_rate_baseline']:.0f}/s, ratio {ovh['max_rate_ratio']} "
@@ -444,7 +543,7 @@ DROPS_INTRO = (
 )
 
 
-def _drops_section(table: Mapping[str, Mapping[str, Any]], rel: str) -> str:
+def _drops_section(table: Mapping[str, Mapping[str, Any]], rel: str, number: int) -> str:
     """Return the socket-drop guarantees section."""
     counts = [
         [
@@ -462,7 +561,7 @@ def _drops_section(table: Mapping[str, Mapping[str, Any]], rel: str) -> str:
         for name, g in table.items()
     ]
     lines = [
-        "## 5. Peers under socket drops",
+        f"## {number}. Peers under socket drops",
         "",
         f"![drops]({rel}/drops_violations.png)",
         "",
@@ -481,20 +580,27 @@ def _method() -> str:
         [
             "## Method",
             "",
-            "- Load: `benchmarks/loadgen.py` (trio + trio-websocket), closed loop: each worker "
-            "socket starts a `scripted` run (2 tools, 40 tokens, `delay_ms` 10; fan-out: 80) "
-            "and the next as soon as it ends. Offered rate = concurrent runs x 1000 / delay_ms.",
+            "- Load: `benchmarks/leangen.py` (asyncio, one `Protocol` per socket over a sans-IO "
+            "frame codec, no task per socket) for the sweep, fan-out, active and soak scenarios; "
+            "`benchmarks/loadgen.py` (trio + trio-websocket) for drops and idle sockets. Closed "
+            "loop: each socket starts a `scripted` run (sweep: 2 tools, 40 tokens, `delay_ms` 10; "
+            "fan-out: 2 tools, 20 tokens, 80 ms; active: 2 tools, 20 tokens, 500 ms) and the next "
+            "as soon as it ends. Offered rate = concurrent runs x 1000 / delay_ms.",
             "- Latency = client receive wall time - event `ts` (server wall time at emit), same "
             "machine, recorded in HDR histograms (1 us resolution, 3 significant digits) during "
             "the measurement window only (after a warm-up).",
             "- Every event is checked with `loadtests.checker` (seq gapless/unrepeated, order, "
             "terminal, tool pairs, foreign runs, exact 3+2T+K count).",
             "- Each server runs in its own process (the sweep starts all four and measures them "
-            "in turn at each rate; the other scenarios start a fresh server per trial); CPU and "
-            "RSS are sampled with psutil. The generator is itself one Python process on the "
-            "second core, so the highest rates may be limited by it: its CPU % is in the tables.",
+            "in turn at each rate; the other scenarios start a fresh server per trial). With the "
+            "lean generator, server CPU is read from /proc at the window's edges (server CPU % "
+            "and CPU per event = ticks over the window / events received in it); drops and idle "
+            "sample it with psutil. The generator is itself one Python process sharing the two "
+            "cores: its CPU % is in the tables.",
             "- Sweep stop rule: a server leaves the sweep after the first step whose p99 passes "
-            "50 ms or whose achieved/offered ratio falls below 80 % of its ratio at 500/s.",
+            "50 ms or whose achieved/offered ratio falls below 80 % of its ratio at 500/s "
+            "(the servers measured once per rate get a second, confirming trial before they "
+            "leave; sweeps before 2026-12-02 08:15 UTC did not).",
             "- The baseline (`benchmarks/baseline_trio.py`) has the registry's fan-out shape "
             "(run task -> per-socket unbounded outbox -> writer task) and an in-memory log for "
             "`resume`, and nothing else: no limits, backpressure, acks, retention or lifecycle.",
