@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from harness._auth import AuthError, Identity, origin_allowed, token_from_request, verify_token
+from harness._http import REFUSALS
 from harness._ops import Operations
 from harness._session import ChatSession
 from registry import (
@@ -291,20 +292,20 @@ class ChatService:
     async def _admit(self, websocket: WebSocket) -> _Connection | tuple[int, bytes]:
         """The new socket with its registry slot reserved, or why it is refused."""
         if self.ops.state != "ready":
-            return 503, b"the server is not taking connections\n"
+            return 503, REFUSALS[503]
         if not origin_allowed(websocket.headers.get("origin"), self.config.allowed_origins):
-            return 403, b"forbidden\n"
+            return 403, REFUSALS[403]
         try:
             identity = verify_token(self.secret, token_from_request(websocket.headers,
                                                                     first_values(websocket)))
         except AuthError as exc:
             log.info("handshake refused (401) %s: %s", _label(websocket), exc)
-            return 401, b"unauthorized\n"
+            return 401, REFUSALS[401]
         connection = _Connection(self, websocket, identity)
         try:
             await self.registry.on_connect(connection.queue)  # a slot, across nodes
         except TooManyConnections:
-            return 429, b"too many connections\n"
+            return 429, REFUSALS[429]
         return connection
 
     def _opened(self, connection: _Connection) -> None:
@@ -368,13 +369,8 @@ class ChatService:
             return
         self._drained = anyio.Event()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        deadline = anyio.current_time() + grace
         try:
-            self.ops.state = "draining"
-            with anyio.move_on_at(deadline - min(grace / 2, 1.0)):
-                await self.registry.aclose_runs()
-            with anyio.move_on_at(deadline):
-                await self.close_all()
+            await self.ops.drain(self.registry, self.close_all, grace)
             for connection in list(self.connections):
                 connection.scope.cancel()
         finally:

@@ -8,6 +8,7 @@ the bytes the client sent right behind its request, which are already WebSocket 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, final
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,6 +17,7 @@ import h11
 from wsproto.utilities import generate_accept_token
 
 __all__ = [
+    "REFUSALS",
     "HttpError",
     "Request",
     "RequestReader",
@@ -25,6 +27,20 @@ __all__ = [
 
 #: The largest request head accepted (request line plus headers).
 MAX_HEAD_BYTES: Final = 16384
+
+#: The one fixed text of each refusal both servers send: no reason, no count, nothing a
+#: client could learn from (which token check failed, how many sockets the user has).
+REFUSALS: Final[Mapping[int, bytes]] = {
+    400: b"bad request\n",
+    401: b"unauthorized\n",
+    403: b"forbidden\n",
+    404: b"not found\n",
+    405: b"method not allowed\n",
+    426: b"upgrade required: this endpoint speaks WebSocket\n",
+    429: b"too many connections\n",
+    431: b"request head too large\n",
+    503: b"the server is not taking connections\n",
+}
 
 
 class HttpError(Exception):

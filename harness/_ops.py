@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Final, Literal, final
 
@@ -32,12 +32,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from harness._auth import AuthError, token_from_request
+from harness._http import REFUSALS
 from registry import AgentExecutionRegistry, Config, RunStatus
 
-__all__ = ["METRICS_CONTENT_TYPE", "CollectorPauses", "HeapKeeper", "Operations",
-           "dashboard_html", "freeze_startup_heap"]
+__all__ = ["JSON", "METRICS_CONTENT_TYPE", "ROUTES", "TEXT", "CollectorPauses", "HeapKeeper",
+           "Operations", "dashboard_html", "freeze_startup_heap"]
 
 METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
+JSON: Final = "application/json"
+TEXT: Final = "text/plain; charset=utf-8"
 #: Upper bounds (seconds) of the delivery-latency histogram's buckets.
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                           1.0, 2.5, 5.0, 10.0)
@@ -270,6 +274,65 @@ class Operations:
     def dashboard_json(self) -> bytes:
         return json.dumps(self.dashboard_data(), separators=(",", ":")).encode()
 
+    # ------------------------------------------------------------- the routes
+    def answer(self, path: str | None, method: str, headers: Mapping[str, str],
+               query: Mapping[str, str]) -> tuple[int, bytes, str]:
+        """The HTTP answer (status, body, content type) of an operations route.
+
+        Unknown paths are 404, other methods 405; ``metrics_token`` guards /metrics and the
+        dashboard (header ``Authorization: Bearer`` or ``?token=``), never health.
+        """
+        route = ROUTES.get(path or "")
+        if route is None:
+            return 404, REFUSALS[404], TEXT
+        if method != "GET":
+            return 405, REFUSALS[405], TEXT
+        guarded, respond = route
+        if guarded and not self._metrics_allowed(headers, query):
+            return 401, REFUSALS[401], TEXT
+        return respond(self)
+
+    def _metrics_allowed(self, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        token = self.config.metrics_token
+        if token is None:
+            return True
+        try:
+            return token_from_request(headers, query) == token
+        except AuthError:
+            return False
+
+    def _healthz(self) -> tuple[int, bytes, str]:
+        return 200, b'{"status":"ok"}', JSON
+
+    def _readyz(self) -> tuple[int, bytes, str]:
+        status, body = self.readiness()
+        return status, json.dumps(body, separators=(",", ":")).encode(), JSON
+
+    def _metrics(self) -> tuple[int, bytes, str]:
+        return 200, self.metrics(), METRICS_CONTENT_TYPE
+
+    def _dashboard(self) -> tuple[int, bytes, str]:
+        return 200, dashboard_html(), "text/html; charset=utf-8"
+
+    def _dashboard_data(self) -> tuple[int, bytes, str]:
+        return 200, self.dashboard_json(), JSON
+
+    # ----------------------------------------------------------------- drain
+    async def drain(self, registry: AgentExecutionRegistry,
+                    close_all: Callable[[], Awaitable[None]], grace_s: float) -> None:
+        """The graceful shutdown both servers do, within ``grace_s``.
+
+        Readiness turns ``draining`` (new upgrades get 503); every run ends ``cancelled``
+        with its terminal event delivered to the sockets still open; then every socket is
+        closed with 1001 (``close_all``).
+        """
+        self.state = "draining"
+        deadline = anyio.current_time() + grace_s
+        with anyio.move_on_at(deadline - min(grace_s / 2, 1.0)):
+            await registry.aclose_runs()
+        with anyio.move_on_at(deadline):
+            await close_all()
+
     # ---------------------------------------------------------------- sampling
     def sample(self) -> dict[str, Any]:
         """Closes one sample interval (normally a second) and adds it to the history."""
@@ -297,6 +360,17 @@ class Operations:
         while True:
             await anyio.sleep(1.0)
             self.sample()
+
+
+Respond = Callable[[Operations], tuple[int, bytes, str]]
+#: path -> (needs metrics_token, answer)
+ROUTES: Final[dict[str, tuple[bool, Respond]]] = {
+    "/healthz": (False, Operations._healthz),
+    "/readyz": (False, Operations._readyz),
+    "/metrics": (True, Operations._metrics),
+    "/dashboard": (True, Operations._dashboard),
+    "/dashboard/data": (True, Operations._dashboard_data),
+}
 
 
 @final

@@ -19,18 +19,16 @@ failure and closes only its socket.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import Any, Final, final
 
 import trio
 
 from harness._auth import AuthError, origin_allowed, token_from_request, verify_token
-from harness._http import HttpError, Request, RequestReader, accept_websocket
-from harness._ops import METRICS_CONTENT_TYPE, Operations, dashboard_html
+from harness._http import REFUSALS, HttpError, Request, RequestReader, accept_websocket
+from harness._ops import TEXT, Operations
 from harness._session import ChatSession
 from harness._websocket import Closed, Message, ServerWebSocket, text_frame_header
 from registry import (
@@ -62,8 +60,6 @@ _STALL_PAUSES: Final = 250
 _ACCEPTS_PER_PASS: Final = 64
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-_JSON: Final = "application/json"
-_TEXT: Final = "text/plain; charset=utf-8"
 
 
 @final
@@ -221,25 +217,26 @@ class ChatServer:
     ) -> _Socket | None:
         """Answers an HTTP request, or accepts its WebSocket upgrade (returns the socket)."""
         if request.path != PATH:
-            status, body, kind = self._operations(request)
+            status, body, kind = self.ops.answer(request.path, request.method, request.headers,
+                                                 request.query)
             await _send_all(sock, reader.respond(status, body, kind))
             return None
         refusal = self._refusal(request)
         if refusal is not None:
-            await _send_all(sock, reader.respond(refusal[0], refusal[1], _TEXT))
+            await _send_all(sock, reader.respond(refusal[0], refusal[1], TEXT))
             return None
         return await self._upgrade(sock, label, reader, request)
 
     def _refusal(self, request: Request) -> tuple[int, bytes] | None:
         """Why a /ws request is not upgraded (fixed texts: no reason, no count)."""
         if request.method != "GET":
-            return 405, b"method not allowed\n"
+            return 405, REFUSALS[405]
         if not request.wants_websocket:
-            return 426, b"upgrade required: this endpoint speaks WebSocket\n"
+            return 426, REFUSALS[426]
         if self.ops.state != "ready":
-            return 503, b"the server is not taking connections\n"
+            return 503, REFUSALS[503]
         if not origin_allowed(request.header("origin"), self.config.allowed_origins):
-            return 403, b"forbidden\n"
+            return 403, REFUSALS[403]
         return None
 
     async def _upgrade(
@@ -250,19 +247,19 @@ class ChatServer:
                                                                     request.query))
         except AuthError as exc:
             log.info("handshake refused (401) %s: %s", label, exc)
-            await _send_all(sock, reader.respond(401, b"unauthorized\n", _TEXT))
+            await _send_all(sock, reader.respond(401, REFUSALS[401], TEXT))
             return None
         s = self._new_socket(sock, label, identity.user_id, identity.exp)
         try:
             await self.registry.on_connect(s.queue)  # a slot, across nodes in a service
         except TooManyConnections:
-            await _send_all(sock, reader.respond(429, b"too many connections\n", _TEXT))
+            await _send_all(sock, reader.respond(429, REFUSALS[429], TEXT))
             return None
         try:
             head, trailing = accept_websocket(reader, request)
         except HttpError as exc:
             self.registry.on_disconnect(s.queue)
-            await _send_all(sock, reader.respond(exc.status, b"bad websocket upgrade\n", _TEXT))
+            await _send_all(sock, reader.respond(exc.status, b"bad websocket upgrade\n", TEXT))
             return None
         s.out += head
         s.early = trailing
@@ -515,64 +512,12 @@ class ChatServer:
             return
         self._close(s, CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token")
 
-    # ========================================================= HTTP routes
-    def _operations(self, request: Request) -> tuple[int, bytes, str]:
-        route = _ROUTES.get(request.path or "")
-        if route is None:
-            return 404, b"not found\n", _TEXT
-        if request.method != "GET":
-            return 405, b"method not allowed\n", _TEXT
-        guarded, answer = route
-        if guarded and not self._metrics_allowed(request):
-            return 401, b"unauthorized\n", _TEXT
-        return answer(self)
-
-    def _metrics_allowed(self, request: Request) -> bool:
-        token = self.config.metrics_token
-        if token is None:
-            return True
-        try:
-            return token_from_request(request.headers, request.query) == token
-        except AuthError:
-            return False
-
-    def _healthz(self) -> tuple[int, bytes, str]:
-        return 200, b'{"status":"ok"}', _JSON
-
-    def _readyz(self) -> tuple[int, bytes, str]:
-        status, body = self.ops.readiness()
-        return status, _json(body), _JSON
-
-    def _metrics(self) -> tuple[int, bytes, str]:
-        return 200, self.ops.metrics(), METRICS_CONTENT_TYPE
-
-    def _dashboard(self) -> tuple[int, bytes, str]:
-        return 200, dashboard_html(), "text/html; charset=utf-8"
-
-    def _dashboard_data(self) -> tuple[int, bytes, str]:
-        return 200, self.ops.dashboard_json(), _JSON
-
     # ============================================================= shutdown
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "shutdown") -> None:
         """Asks every socket to send what it owes and close; waits until all are gone."""
         for s in list(self.sockets):
             self._close(s, code, reason)
         await self._all_closed.wait()
-
-
-Answer = Callable[[ChatServer], tuple[int, bytes, str]]
-#: path -> (needs metrics_token, answer)
-_ROUTES: Final[dict[str, tuple[bool, Answer]]] = {
-    "/healthz": (False, ChatServer._healthz),
-    "/readyz": (False, ChatServer._readyz),
-    "/metrics": (True, ChatServer._metrics),
-    "/dashboard": (True, ChatServer._dashboard),
-    "/dashboard/data": (True, ChatServer._dashboard_data),
-}
-
-
-def _json(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def _read_request(sock: socket.socket) -> tuple[RequestReader, Request | None]:
@@ -591,7 +536,7 @@ async def _read_request(sock: socket.socket) -> tuple[RequestReader, Request | N
         try:
             request = reader.feed(data)
         except HttpError as exc:
-            await _send_all(sock, reader.respond(exc.status, b"bad request\n", _TEXT))
+            await _send_all(sock, reader.respond(exc.status, REFUSALS[400], TEXT))
             return reader, None
         if request is not None:
             return reader, request
@@ -682,9 +627,4 @@ async def _run(
 
 async def _shut_down(server: ChatServer, registry: AgentExecutionRegistry, config: Config) -> None:
     """Ends the runs, then closes the sockets, all within ``shutdown_grace_s``."""
-    grace = config.shutdown_grace_s
-    deadline = trio.current_time() + grace
-    with trio.move_on_at(deadline - min(grace / 2, 1.0)):
-        await registry.aclose_runs()
-    with trio.move_on_at(deadline):
-        await server.close_all()
+    await server.ops.drain(registry, server.close_all, config.shutdown_grace_s)

@@ -33,7 +33,6 @@ uvicorn itself either uses :class:`DrainingServer`, or awaits
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
@@ -53,8 +52,8 @@ from harness._asgi import (
     plain,
     service_of_app,
 )
-from harness._auth import AuthError, token_from_request
-from harness._ops import METRICS_CONTENT_TYPE, Operations, dashboard_html
+from harness._http import REFUSALS
+from harness._ops import ROUTES
 from harness._uvicorn import DrainingServer, listening_socket, uvicorn_config
 from registry import AgentRegistry, Config, ToolDispatcher
 
@@ -128,49 +127,21 @@ async def chat_socket(websocket: WebSocket) -> None:
 @router.get("/ws", include_in_schema=False)
 async def chat_socket_without_upgrade() -> Response:
     """``GET /ws`` that is not a WebSocket upgrade."""
-    return plain(426, b"upgrade required: this endpoint speaks WebSocket\n")
+    return plain(426, REFUSALS[426])
 
 
-Answer = Callable[[Operations], tuple[int, bytes, str]]
-
-
-def _readyz(ops: Operations) -> tuple[int, bytes, str]:
-    status, body = ops.readiness()
-    return status, json.dumps(body, separators=(",", ":")).encode(), _JSON
-
-
-#: path -> (needs metrics_token, answer): the trio server's operations routes.
-_ROUTES: Final[dict[str, tuple[bool, Answer]]] = {
-    "/healthz": (False, lambda ops: (200, b'{"status":"ok"}', _JSON)),
-    "/readyz": (False, _readyz),
-    "/metrics": (True, lambda ops: (200, ops.metrics(), METRICS_CONTENT_TYPE)),
-    "/dashboard": (True, lambda ops: (200, dashboard_html(), "text/html; charset=utf-8")),
-    "/dashboard/data": (True, lambda ops: (200, ops.dashboard_json(), _JSON)),
-}
-
-
-def _operations_endpoint(guarded: bool, answer: Answer) -> Callable[[Request], Any]:
+def _operations_endpoint(path: str) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
-        service = service_of(request)
-        if guarded and not _metrics_allowed(service.config, request):
-            return plain(401, b"unauthorized\n")
-        status, body, content_type = answer(service.ops)
+        ops = service_of(request).ops
+        status, body, content_type = ops.answer(path, "GET", request.headers,
+                                                first_values(request))
         return Response(body, status_code=status, media_type=content_type, headers=_NO_STORE)
 
     return endpoint
 
 
-def _metrics_allowed(config: Config, request: Request) -> bool:
-    if config.metrics_token is None:
-        return True
-    try:
-        return token_from_request(request.headers, first_values(request)) == config.metrics_token
-    except AuthError:
-        return False
-
-
-for _path, (_guarded, _answer) in _ROUTES.items():
-    router.add_api_route(_path, _operations_endpoint(_guarded, _answer), methods=["GET"],
+for _path in ROUTES:
+    router.add_api_route(_path, _operations_endpoint(_path), methods=["GET"],
                          include_in_schema=False)
 
 
@@ -207,12 +178,12 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return answer
 
 
-_FIXED_TEXTS: Final = {404: b"not found\n", 405: b"method not allowed\n"}
+_FIXED_TEXTS: Final = {404: REFUSALS[404], 405: REFUSALS[405]}
 
 
 async def _elsewhere(scope: Scope, receive: Receive, send: Send) -> None:
     """Any other path: 404, for a WebSocket handshake as for an HTTP request."""
-    answer = plain(404, b"not found\n")
+    answer = plain(404, REFUSALS[404])
     if scope["type"] == "websocket":
         await WebSocket(scope, receive, send).send_denial_response(answer)
     else:
