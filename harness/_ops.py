@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import itertools
 import json
 import math
 import time
@@ -79,10 +80,12 @@ class HeapKeeper:
     """
 
     def __init__(self, freeze_every_s: float = 1.0, audit_growth: float = 2.0,
-                 audit_every_s: float = 600.0) -> None:
+                 audit_every_s: float = 600.0, check_every: int = 60) -> None:
         self.freeze_every_s = freeze_every_s
         self.audit_growth = audit_growth
         self.audit_every_s = audit_every_s
+        #: The frozen population is counted (a walk of it) only every this many freezes.
+        self.check_every = check_every
         self.audits = 0
 
     async def serve(
@@ -92,11 +95,12 @@ class HeapKeeper:
         freeze_startup_heap()
         baseline, audited_at = gc.get_freeze_count(), time.monotonic()
         task_status.started()
-        while True:
+        for freezes in itertools.count(1):
             await anyio.sleep(self.freeze_every_s)
             gc.freeze()
-            grown = gc.get_freeze_count() > self.audit_growth * baseline
-            if grown and time.monotonic() - audited_at >= self.audit_every_s:
+            if freezes % self.check_every or time.monotonic() - audited_at < self.audit_every_s:
+                continue
+            if gc.get_freeze_count() > self.audit_growth * baseline:
                 gc.unfreeze()
                 gc.collect()
                 gc.freeze()

@@ -22,6 +22,7 @@ import errno
 import logging
 import socket
 import time
+import weakref
 from typing import Any, Final, final
 
 import trio
@@ -66,8 +67,8 @@ _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, err
 class _Socket:
     """One upgraded WebSocket: its OS socket, wsproto side, queue, session and write buffer."""
 
-    __slots__ = ("blocked", "drained", "early", "finished", "label", "last_write", "out",
-                 "ping_due",
+    __slots__ = ("__weakref__", "blocked", "drained", "early", "finished", "label",
+                 "last_write", "out", "ping_due",
                  "queue", "released", "scope", "session", "sock", "stamps", "ws")
 
     def __init__(self, sock: socket.socket, ws: ServerWebSocket, label: str) -> None:
@@ -118,7 +119,8 @@ class ChatServer:
         self._pong_checks = DeadlineQueue[tuple[_Socket, int]](config.ping_timeout_s,
                                                                 self._pong_due)
         self._closes = DeadlineQueue[_Socket](config.close_timeout_s, self._close_due)
-        self._tokens = TimerHeap[_Socket](self._token_due)
+        #: Holds weak references: a closed socket is not kept until its token's expiry.
+        self._tokens = TimerHeap[weakref.ref[_Socket]](self._token_due)
 
     # ============================================================ services
     async def run_services(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -270,12 +272,14 @@ class ChatServer:
         s = _Socket(sock, ServerWebSocket(self.config.max_message_bytes), label)
         mib = int(self.config.max_queued_mib * 1024 * 1024)
         s.queue = OutboundQueue(user_id, max_messages=self.config.max_queued_messages,
-                                max_bytes=mib, on_ready=lambda: self._mark_dirty(s))
-        s.queue.pause = lambda: self._backpressure(s)
+                                max_bytes=mib)
         s.session = ChatSession(self.registry, self.ops, s.queue, self.secret, exp)
         return s
 
     def _opened(self, s: _Socket) -> None:
+        """The 101 is owed: the socket is served (until ``_forget`` breaks these cycles)."""
+        s.queue.on_ready = lambda: self._mark_dirty(s)
+        s.queue.pause = lambda: self._backpressure(s)
         self.sockets.add(s)
         self.ops.connections += 1
         self._all_closed = trio.Event()
@@ -368,6 +372,7 @@ class ChatServer:
             s.released = True
             self.registry.on_disconnect(s.queue)
         self._dirty.pop(s, None)
+        s.queue.on_ready = s.queue.pause = None  # the socket and its queue refer to each other
         s.finished = True
         if s.drained is not None:
             s.drained.unpark_all()
@@ -502,10 +507,11 @@ class ChatServer:
 
     def _schedule_token_expiry(self, s: _Socket) -> None:
         delay = s.session.token_exp - time.time()
-        self._tokens.push(trio.current_time() + max(delay, 0.0), s)
+        self._tokens.push(trio.current_time() + max(delay, 0.0), weakref.ref(s))
 
-    def _token_due(self, s: _Socket) -> None:
-        if s.finished or s.queue.close_code is not None:
+    def _token_due(self, ref: weakref.ref[_Socket]) -> None:
+        s = ref()
+        if s is None or s.finished or s.queue.close_code is not None:
             return
         if s.session.token_exp > time.time():  # refreshed meanwhile
             self._schedule_token_expiry(s)

@@ -100,13 +100,14 @@ class EmitAPI(abc.ABC):
         """
         await self._pace(context)
         try:
-            payload = payload_to_dict(payload)
             event_type = EventType(event_type)
+            checked = getattr(payload, "event_type", None) is event_type  # typed: valid
+            payload = payload_to_dict(payload)
             if event_type is EventType.AGENT_COMPLETED:
                 return await self._complete_with(context, payload)
             if not context.is_active:
                 raise StreamError(f"run {context.run_id} has ended")
-            events = context.stream.emit(event_type, payload, time.time())
+            events = context.stream.emit(event_type, payload, time.time(), checked=checked)
         except (ValueError, StreamError) as exc:
             return self._refuse(context, exc)
         return await self._deliver(context, events)

@@ -123,8 +123,12 @@ class RunStream:
         return self.last_seq - self.trimmed_through
 
     # ------------------------------------------------------------- emitting
-    def emit(self, event_type: EventType, payload: Mapping[str, Any], ts: float) -> list[Event]:
+    def emit(self, event_type: EventType, payload: Mapping[str, Any], ts: float, *,
+             checked: bool = False) -> list[Event]:
         """Numbers and records one event, plus whatever the guarantees require before it.
+
+        ``checked``: the payload was built from its typed class for this event type (which
+        validates itself), so it is not validated again.
 
         Returns:
             The events now appended, in order: usually one; a synthesised ``agent_started``
@@ -137,7 +141,8 @@ class RunStream:
             PayloadError: the payload does not fit the event type.
         """
         event_type = EventType(event_type)
-        validate_payload(event_type, payload)
+        if not checked:
+            validate_payload(event_type, payload)
         if event_type is EventType.AGENT_COMPLETED:
             return self.finish(payload, ts)
         self._check_open()
