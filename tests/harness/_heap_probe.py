@@ -1,4 +1,4 @@
-"""A server that reports the cyclic garbage it made: ``python -m tests.harness._heap_probe PORT SECRET``.
+"""A server that reports the cyclic garbage it made (``-m tests.harness._heap_probe PORT SECRET``).
 
 It serves like ``python -m harness serve`` with ``gc.DEBUG_SAVEALL`` set, so that every object
 the cyclic collector finds unreachable is kept in ``gc.garbage`` instead of freed. When its
