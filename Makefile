@@ -35,9 +35,13 @@ bench-report: $(STAMP)  ## redraw benchmarks/REPORT.md and plots from the JSON r
 bench-smoke: $(STAMP)
 	$(PY) -m benchmarks.run --smoke
 
-load-smoke: $(STAMP)  ## CI: ~50 users for ~20 s, then a short distributed run (--processes 2)
+load-smoke: $(STAMP)  ## CI: ~50 users for ~20 s, a short distributed run, a short 2-node run
 	$(PY) -m loadtests.run --users 50 --duration 20
 	$(PY) -m loadtests.run --users 20 --duration 10 --processes 2
+	@if command -v redis-server >/dev/null 2>&1; then \
+	  echo "$(PY) -m loadtests.run --users 20 --duration 10 --nodes 2"; \
+	  $(PY) -m loadtests.run --users 20 --duration 10 --nodes 2; \
+	else echo "load-smoke: --nodes 2 run skipped: redis-server not installed (apt-get install redis-server)"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -30,6 +30,12 @@ Violation kinds (one :class:`Violation` per affected event):
                           ts that is not a float, or a payload without the fields of its type
 ========================  ===================================================================
 
+A run the server declined to resume (``delivery_mode`` direct answers ``resume`` with
+``resume_unavailable``: the legacy path keeps nothing) is *cut* (:meth:`RunChecker.cut`): the
+events after the last one held are lost by design, counted in
+:attr:`RunChecker.lost_by_design` rather than reported as ``lost``, and the missing
+``agent_completed`` is not ``unterminated``. A gap before the cut is still ``lost``.
+
 Ordering rules (agent_started first, tool pairing, terminal last) are applied in seq order, once
 the events before are there, so one missing or late event is reported once, not as a cascade.
 """
@@ -132,6 +138,7 @@ class RunChecker:
     _violations: list[Violation] = attrs.field(factory=list)
     _finished: bool = False
     _lossy: bool = False
+    _cut_after: int | None = None
 
     @property
     def last_seq(self) -> int:
@@ -157,6 +164,36 @@ class RunChecker:
     def violations(self) -> tuple[Violation, ...]:
         """Every violation found so far."""
         return tuple(self._violations)
+
+    @property
+    def cut_after(self) -> int | None:
+        """The last seq held when the run was cut (:meth:`cut`), else None."""
+        return self._cut_after
+
+    @property
+    def lost_by_design(self) -> int:
+        """Events of a cut run that never came after the cut (0 for a run not cut).
+
+        Exact when the run's length is known (a script, or its ``agent_completed`` arrived);
+        otherwise the events missing up to the highest seq seen plus one for the terminal
+        event, a lower bound (:attr:`length_known` is False).
+        """
+        if self._cut_after is None:
+            return 0
+        last = max(self.last_seq, self.expected or 0)
+        missing = sum(1 for seq in range(self._cut_after + 1, last + 1) if seq not in self._arrived)
+        return missing + (0 if self.length_known else 1)
+
+    @property
+    def length_known(self) -> bool:
+        """True when the run's number of events is known: a script, or its terminal arrived."""
+        return self.script is not None or self.terminal_seen
+
+    def cut(self) -> None:
+        """Record that the server declined to resume the run (``delivery_mode`` direct): the
+        events after the last seq held are lost by design, not violations. Idempotent."""
+        if self._cut_after is None:
+            self._cut_after = self.last_seq
 
     def resume(self, after_seq: int) -> None:
         """Record that the client sent ``resume`` with ``after_seq``: seq after_seq+1 comes next.
@@ -185,7 +222,7 @@ class RunChecker:
         if not self._finished:
             self._finished = True
             self._close_gaps()
-            if self._completed_at is None:
+            if self._completed_at is None and self._cut_after is None:
                 self._add(Kind.UNTERMINATED, None, "no agent_completed")
         return self._violations[before:]
 
@@ -225,8 +262,11 @@ class RunChecker:
             self._next_rule += 1
 
     def _close_gaps(self) -> None:
-        """Report every missing seq as lost, then apply the rules to what was held back."""
+        """Report every missing seq as lost (in a cut run: up to the cut), then apply the rules
+        to what was held back."""
         last = max(self.last_seq, self.expected or 0)
+        if self._cut_after is not None:
+            last = self._cut_after
         for seq in range(1, last + 1):
             if seq not in self._arrived:
                 self._lossy = True

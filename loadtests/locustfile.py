@@ -15,17 +15,30 @@ What Locust shows:
 * ``TOKEN refresh``: each ``refresh`` a user sent before its token expired, response time = until
   ``refreshed``; a refused refresh is a failure.
 * ``VIOLATION <kind>``: one failure per broken guarantee (lost, duplicate, reordered, foreign,
-  unterminated, unpaired_tool, malformed); ``START <agent>`` failures for refused starts.
+  unterminated, unpaired_tool, malformed); ``START <agent>`` failures for refused starts;
+  ``ERROR <code>`` failures for any other ``error`` frame about the run in flight.
+* ``CUT <agent>`` (``--delivery-mode direct`` only): a run whose ``resume`` the server declined
+  (``resume_unavailable``: the legacy path keeps nothing), response time = until the refusal,
+  size = the events lost by design. Not a failure: it is what the legacy path does.
 
 Pass/fail (``environment.process_exit_code``, decided on the master or local runner at quit):
 any failure at all, a delivery ratio below 100 %, or the p95/p99 delivery latency of all ``WS``
-requests above ``--p95-ms`` / ``--p99-ms`` fails the run.
+requests above ``--p95-ms`` / ``--p99-ms`` fails the run. With ``--delivery-mode direct``,
+losses (``VIOLATION lost`` / ``unterminated`` and the runs cut) do not fail it: only the other
+violations do.
+
+Several nodes (``--node-urls ws://a/ws,ws://b/ws,...``; ``--host`` is then only Locust's
+default): users are spread round robin over the nodes and open their socket and start their
+runs on their *home* node; a user whose socket drops resumes on another node, chosen at random
+(:mod:`loadtests.nodes`), and goes back to its home node before its next run.
 
 Options (also env ``LOCUST_<NAME>``): ``--p95-ms`` (500), ``--p99-ms`` (1000),
 ``--drop-fraction`` (0.1), ``--agent-mix`` (``scripted:3,research:1``), ``--run-timeout-s`` (60),
-``--think-min-s``/``--think-max-s`` (1/4), ``--token-ttl-s`` (3600: each user's JWT lifetime;
-users send ``refresh`` with a new token before it expires), ``--events-out`` (a directory: each
-process writes
+``--think-min-s``/``--think-max-s`` (1/4), ``--delivery-mode`` (``registry``: the server's
+mode, see above), ``--node-urls`` (empty: just the host), ``--seed`` (-1: random; a seed makes
+the droppers, agents and plans of the users the same in two tests), ``--token-ttl-s`` (3600:
+each user's JWT lifetime; users send ``refresh`` with a new token before it expires),
+``--events-out`` (a directory: each process writes
 ``events-<pid>.json`` with its tally and raw latency samples at test stop; env
 ``LOADTEST_EVENTS_OUT`` works too). The host is the server's ``ws://HOST:PORT/ws`` URL and the
 JWT secret comes from env ``REGISTRY_AUTH_SECRET``.
@@ -36,6 +49,7 @@ standard library with gevent.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -57,6 +71,7 @@ from locust.stats import StatsEntry
 
 from loadtests import wire
 from loadtests.checker import ClientChecker, Violation
+from loadtests.nodes import home_node, parse_node_urls, resume_node
 from loadtests.tally import LatencySamples, Tally
 
 log = logging.getLogger("loadtests")
@@ -67,9 +82,21 @@ ACK_EVERY = 5
 TALLY = Tally()
 """This process's run/event/violation counts (one Locust process = one test at a time)."""
 SAMPLES = LatencySamples()
-"""This process's raw latency samples, written to ``--events-out`` at test stop."""
+"""This process's raw latency samples, written to ``--events-out`` at test stop (with several
+nodes: those received on the user's home node)."""
+OTHER_NODE_SAMPLES = LatencySamples(cap=1_000_000)
+"""With several nodes, the samples of events received on a socket that resumed on another node
+than the user's home node (delivered through that node's mirror of the run)."""
 MASTER_TALLY = Tally()
 """On a master, the sum of what the workers reported."""
+USER_NUMBERS = itertools.count()
+"""Numbers this process's users in spawn order (their home node is picked from it)."""
+DECLINED_RESUME = frozenset({"resume_unavailable", "not_found"})
+"""The answers of a ``delivery_mode`` direct server to ``resume``: nothing was kept (not_found
+once the run has ended and is gone)."""
+TOLERATED_IN_DIRECT_MODE = frozenset({"lost", "unterminated"})
+"""Violation kinds that do not fail a ``--delivery-mode direct`` test: losses are what the
+legacy path does."""
 
 
 class ViolationError(Exception):
@@ -97,7 +124,20 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("--run-timeout-s", float, 60.0, "a run not ended after this long is unterminated"),
     ("--think-min-s", float, 1.0, "shortest think time between two messages (s)"),
     ("--think-max-s", float, 4.0, "longest think time between two messages (s)"),
+    ("--seed", int, -1, "seed of the users' choices (droppers, agents, plans); -1: random"),
     ("--token-ttl-s", float, 3600.0, "lifetime of each user's JWT (s); users refresh it"),
+    (
+        "--delivery-mode",
+        str,
+        "registry",
+        "the server's delivery_mode: registry, or direct (a declined resume cuts the run)",
+    ),
+    (
+        "--node-urls",
+        str,
+        "",
+        "comma-separated ws URLs of the service's nodes (empty: the host only)",
+    ),
     (
         "--events-out",
         str,
@@ -134,6 +174,12 @@ def pick_plan(rng: random.Random, mix: list[tuple[str, float]]) -> tuple[str, di
         return agent, {}
     tools, tokens = rng.randint(0, 3), rng.randint(5, 40)
     return agent, wire.scripted_context(tools, tokens, rng.choice((10, 20, 50)))
+
+
+def user_rng(seed: int, worker: int, number: int) -> random.Random:
+    """The random choices of user ``number`` of worker ``worker``: reproducible for a seed >= 0
+    (the same users drop, with the same agents and plans, in two tests), else unseeded."""
+    return random.Random(f"{seed}:{worker}:{number}") if seed >= 0 else random.Random()
 
 
 def refresh_margin(lifetime_s: float) -> float:
@@ -232,6 +278,9 @@ class RunState:
         self.run_id: str | None = None
         self.error: dict[str, Any] | None = None
         self.received = 0
+        self.resuming = False
+        """A ``resume`` was sent on the current socket and no event came since: an ``error``
+        about the run is its answer."""
         self.accepted = gevent.event.Event()
         self.done = gevent.event.Event()
         self.broken = gevent.event.Event()
@@ -243,7 +292,9 @@ class ChatUser(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         opts = options(environment)
-        self.rng = random.Random()
+        offset = int(getattr(environment.runner, "worker_index", 0) or 0)
+        number = next(USER_NUMBERS)
+        self.rng = user_rng(opts.seed, offset, number)
         self.mix = parse_mix(opts.agent_mix)
         self.user_id = f"locust-{uuid.uuid4().hex[:16]}"
         self.checker = ClientChecker()
@@ -253,6 +304,10 @@ class ChatUser(User):
         self.refresh_at = 0.0
         self.refresh_sent_at: float | None = None
         self.refresher: gevent.Greenlet[Any, None] | None = None
+        self.direct = opts.delivery_mode == "direct"
+        self.urls = parse_node_urls(opts.node_urls, str(self.host or ""))
+        self.per_node = bool(opts.node_urls)
+        self.home = self.node = home_node(number + offset, len(self.urls))
 
     def wait_time(self) -> float:
         """Think time between two messages."""
@@ -260,8 +315,8 @@ class ChatUser(User):
         return self.rng.uniform(opts.think_min_s, opts.think_max_s)
 
     def on_start(self) -> None:
-        """Connect the user's socket."""
-        self._connect()
+        """Connect the user's socket (to its home node)."""
+        self._connect(self.home)
 
     def on_stop(self) -> None:
         """Close the socket; a run still in flight is abandoned, not judged."""
@@ -276,8 +331,12 @@ class ChatUser(User):
     @task
     def chat(self) -> None:
         """Start one run and follow it to its end, checking every guarantee."""
+        if self.conn is not None and self.conn.alive and self.node != self.home:
+            self.conn.close()  # resumed elsewhere: back to the home node to start
+            self._report(self.checker.socket_replaced())
+            self.conn = None
         if self.conn is None or not self.conn.alive:
-            self._connect()
+            self._connect(self.home)
         agent, context = pick_plan(self.rng, self.mix)
         script = wire.scripted_types(context) if agent == "scripted" else None
         limit = len(script) - 1 if script else 8
@@ -288,6 +347,8 @@ class ChatUser(User):
         self._send(wire.start_agent(run.request_id, agent, "hello from locust", context))
         if self._await_accept(run):
             TALLY.counts["runs_started"] += 1
+            if self.per_node:
+                TALLY.add_node(self.node, "runs_started")
             self._follow(run, started + options(self.environment).run_timeout_s)
             self._judge(run, started)
         self.current = None
@@ -311,30 +372,52 @@ class ChatUser(User):
                 self._resume(run)
 
     def _resume(self, run: RunState) -> None:
-        """Replace the socket and ``resume`` the run after the last seq held."""
+        """Replace the socket, on another node when there are several, and ``resume`` the run
+        after the last seq held."""
+        dropped_from = self.node
         if self.conn is not None:
             self.conn.drop()
         self._report(self.checker.socket_replaced())
-        self._connect()
+        target = resume_node(dropped_from, len(self.urls), self.rng)
+        self._connect(target)
+        TALLY.counts["resumes"] += 1
+        if len(self.urls) > 1:
+            moved = "resumes_other_node" if target != dropped_from else "resumes_same_node"
+            TALLY.counts[moved] += 1
+        if self.per_node:
+            TALLY.add_node(target, "resumes_in")
         assert run.run_id is not None
         after = self.checker.runs[run.run_id].last_seq
         self.checker.resume_sent(run.run_id, after)
+        run.resuming = True
         self._send(wire.resume(run.run_id, after))
 
     def _judge(self, run: RunState, started: float) -> None:
-        """Finish the run's checks, count it, and report it as a ``RUN`` request."""
+        """Finish the run's checks, count it, and report it as a ``RUN`` request (or ``CUT``
+        when a direct-mode server declined its resume)."""
         assert run.run_id is not None
-        self._report(self.checker.finish_run(run.run_id))
         checked = self.checker.runs[run.run_id]
+        if self._declined(run):
+            checked.cut()
+        self._report(self.checker.finish_run(run.run_id))
         TALLY.add_finished_run(checked)
-        if run.done.is_set():
-            fire(self.environment, "RUN", run.agent, (time.time() - started) * 1000)
+        elapsed_ms = (time.time() - started) * 1000
+        if checked.cut_after is not None:
+            fire(self.environment, "CUT", run.agent, elapsed_ms, checked.lost_by_design)
+        elif run.done.is_set():
+            fire(self.environment, "RUN", run.agent, elapsed_ms)
         if checked.terminal_seen and self.conn is not None:
             self._send(wire.ack(run.run_id, checked.contiguous_seq))
 
-    def _connect(self) -> None:
-        """Open a socket for this user (token as query parameter), reported as ``CONN``."""
-        url = wire.url_with_token(str(self.host), self._mint())
+    def _declined(self, run: RunState) -> bool:
+        """True when a ``delivery_mode`` direct server declined the run's ``resume``."""
+        code = run.error.get("code") if run.error is not None else None
+        return self.direct and code in DECLINED_RESUME
+
+    def _connect(self, node: int) -> None:
+        """Open a socket for this user on ``node`` (token as query parameter), reported as
+        ``CONN``."""
+        url = wire.url_with_token(self.urls[node], self._mint())
         began = time.perf_counter()
         try:
             self.conn = Connection(url, self._on_frame, self._on_close)
@@ -343,6 +426,9 @@ class ChatUser(User):
             self.conn = None
             raise
         fire(self.environment, "CONN", "connect", (time.perf_counter() - began) * 1000)
+        self.node = node
+        if self.per_node:
+            TALLY.add_node(node, "connections")
         self._stop_refreshing()
         self.refresher = gevent.spawn(self._keep_token_fresh, self.conn)
 
@@ -387,7 +473,10 @@ class ChatUser(User):
         if wire.is_event(frame) and isinstance(frame.get("ts"), int | float):
             latency_ms = (received_at - frame["ts"]) * 1000
             fire(self.environment, "WS", frame["type"], latency_ms, size)
-            SAMPLES.record(frame["type"], received_at, latency_ms)
+            away = self.node != self.home
+            (OTHER_NODE_SAMPLES if away else SAMPLES).record(frame["type"], received_at, latency_ms)
+            if self.per_node:
+                TALLY.add_node(self.node, "events")
         self._report(self.checker.on_frame(frame))
         if frame.get("type") == "refreshed" or frame.get("field") == "token":
             self._refreshed(frame)
@@ -404,11 +493,23 @@ class ChatUser(User):
             run.error = frame
             run.accepted.set()
         elif ftype == "error" and run.run_id is not None and frame.get("run_id") == run.run_id:
-            run.error = frame
-            run.done.set()
+            self._run_error(run, frame)
         elif wire.is_event(frame) and run.run_id is not None and frame.get("run_id") == run.run_id:
             return self._on_run_event(run)
         return True
+
+    def _run_error(self, run: RunState, frame: dict[str, Any]) -> None:
+        """An ``error`` about the run in flight: the answer to its ``resume`` ends the wait
+        (the run is lost, or cut in direct mode); any other is reported as ``ERROR <code>``."""
+        if run.resuming:
+            run.error = frame
+            run.done.set()
+            if not self._declined(run):
+                fire(self.environment, "ERROR", str(frame.get("code")), 0,
+                     exc=RuntimeError(f"resume answered {frame.get('code')}"))
+        else:
+            fire(self.environment, "ERROR", str(frame.get("code")), 0,
+                 exc=RuntimeError(str(frame.get("message"))[:200]))
 
     def _refreshed(self, frame: dict[str, Any]) -> None:
         """Report the answer to a ``refresh`` as a ``TOKEN refresh`` request."""
@@ -422,6 +523,7 @@ class ChatUser(User):
         assert run.run_id is not None
         checked = self.checker.runs[run.run_id]
         run.received += 1
+        run.resuming = False
         if checked.terminal_seen:
             run.done.set()
         elif run.received % ACK_EVERY == 0:
@@ -484,6 +586,7 @@ def write_events(environment: Environment) -> None:
         "written_at": time.time(),
         "tally": TALLY.to_dict(),
         "samples": SAMPLES.to_dict(),
+        "samples_other_node": OTHER_NODE_SAMPLES.to_dict(),
     }
     tmp = folder / f".events-{os.getpid()}.json.tmp"
     tmp.write_text(json.dumps(data))
@@ -503,10 +606,17 @@ def slo_problems(environment: Environment, tally: Tally) -> list[str]:
     """Return why the test failed its SLOs (empty when it passed)."""
     opts = options(environment)
     problems = []
-    if environment.stats.total.num_failures:
-        problems.append(f"{environment.stats.total.num_failures} failures (see Failures)")
+    failures = environment.stats.total.num_failures
+    if opts.delivery_mode == "direct":
+        failures -= sum(
+            entry.num_failures
+            for entry in environment.stats.entries.values()
+            if entry.method == "VIOLATION" and entry.name in TOLERATED_IN_DIRECT_MODE
+        )
+    if failures:
+        problems.append(f"{failures} failures (see Failures)")
     expected, delivered = tally.counts["events_expected"], tally.counts["events_delivered"]
-    if delivered < expected:
+    if delivered < expected and opts.delivery_mode != "direct":
         problems.append(f"delivery {delivered}/{expected} = {delivered / expected:.4%} < 100%")
     latency = ws_latency(environment)
     if latency.num_requests == 0:

@@ -35,14 +35,22 @@ class ServerProcess:
     url: str
     log_path: Path
     exit_code: int | None = None
+    _signalled: bool = False
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """Send SIGINT and wait for the exit; kill after ``timeout``. Returns the exit code.
+    def begin_stop(self, sig: signal.Signals = signal.SIGINT) -> None:
+        """Send ``sig`` once, without waiting (a later :meth:`stop` does not send it again)."""
+        if self.proc.poll() is None and not self._signalled:
+            self._signalled = True
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0, sig: signal.Signals = signal.SIGINT) -> int:
+        """Send ``sig`` (SIGINT) and wait for the exit; kill after ``timeout``. Returns the
+        exit code.
 
         A server killed because it did not exit in time is reported as -9.
         """
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.begin_stop(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -26,7 +26,24 @@ COUNTERS: Final = (
     "drops",
     "unexpected_closes",
 )
-"""The integer counters of a :class:`Tally`, in report order."""
+"""The integer counters of a :class:`Tally`, in report order (always in :meth:`Tally.to_dict`)."""
+
+EXTRA_COUNTERS: Final = (
+    "runs_cut",
+    "events_lost_by_design",
+    "runs_cut_length_unknown",
+    "resumes",
+    "resumes_other_node",
+    "resumes_same_node",
+)
+"""Counters only some tests have (in :meth:`Tally.to_dict` when not zero): runs cut because the
+server declined the resume (``delivery_mode`` direct), the events they lost by design, how many
+of those had an unknown length (so the loss is a lower bound), and resumes by whether they went
+to another node than the one the socket dropped from."""
+
+NODE_COUNTERS: Final = ("connections", "runs_started", "events", "resumes_in")
+"""Per-node counters of a multi-node test: sockets opened on the node, runs started there,
+run events received from it, resumes sent to it."""
 
 
 @final
@@ -36,17 +53,40 @@ class Tally:
 
     counts: Counter[str] = attrs.field(factory=Counter)
     violations: Counter[str] = attrs.field(factory=Counter)
+    nodes: Counter[str] = attrs.field(factory=Counter)
+    """Per-node counts, keyed ``"<node index>:<counter>"`` (see :data:`NODE_COUNTERS`)."""
     _sent: Counter[str] = attrs.field(factory=Counter)
     _sent_violations: Counter[str] = attrs.field(factory=Counter)
+    _sent_nodes: Counter[str] = attrs.field(factory=Counter)
 
     def add_finished_run(self, run: RunChecker) -> None:
         """Count a run the client followed to its end (or gave up on, when unterminated).
 
-        Violations are not counted here: feed them to :meth:`add_violations` as found.
+        A cut run (:meth:`RunChecker.cut`) counts its events lost by design as expected and
+        not delivered. Violations are not counted here: feed them to :meth:`add_violations`.
         """
         self.counts["runs_completed"] += int(run.terminal_seen)
-        self.counts["events_expected"] += max(run.last_seq, run.expected or 0)
+        expected = max(run.last_seq, run.expected or 0)
+        if run.cut_after is not None:
+            self.counts["runs_cut"] += 1
+            self.counts["events_lost_by_design"] += run.lost_by_design
+            if not run.length_known:
+                self.counts["runs_cut_length_unknown"] += 1
+                expected += 1
+        self.counts["events_expected"] += expected
         self.counts["events_delivered"] += run.delivered
+
+    def add_node(self, node: int, counter: str, amount: int = 1) -> None:
+        """Count ``amount`` of a per-node counter (:data:`NODE_COUNTERS`) for node ``node``."""
+        self.nodes[f"{node}:{counter}"] += amount
+
+    def by_node(self) -> dict[int, dict[str, int]]:
+        """Return the per-node counts as ``{node: {counter: n}}`` (every counter present)."""
+        out: dict[int, dict[str, int]] = {}
+        for key, value in self.nodes.items():
+            node, _, counter = key.partition(":")
+            out.setdefault(int(node), dict.fromkeys(NODE_COUNTERS, 0))[counter] = value
+        return dict(sorted(out.items()))
 
     def add_violations(self, found: Iterable[Violation]) -> None:
         """Count violations by kind (feed each one once, as the checkers return it)."""
@@ -54,25 +94,30 @@ class Tally:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready copy."""
-        return {
-            "counts": {name: self.counts[name] for name in COUNTERS},
-            "violations": dict(self.violations),
-        }
+        counts = {name: self.counts[name] for name in COUNTERS}
+        counts.update({name: self.counts[name] for name in EXTRA_COUNTERS if self.counts[name]})
+        out: dict[str, Any] = {"counts": counts, "violations": dict(self.violations)}
+        if self.nodes:
+            out["nodes"] = dict(self.nodes)
+        return out
 
     def take_delta(self) -> dict[str, Any]:
         """Return, JSON-ready, what was added since the previous call (for periodic reports)."""
         out = {
             "counts": dict(self.counts - self._sent),
             "violations": dict(self.violations - self._sent_violations),
+            "nodes": dict(self.nodes - self._sent_nodes),
         }
         self._sent = Counter(self.counts)
         self._sent_violations = Counter(self.violations)
+        self._sent_nodes = Counter(self.nodes)
         return out
 
     def merge(self, data: Mapping[str, Any]) -> None:
         """Add the counts of a :meth:`to_dict` copy."""
         self.counts.update({k: int(v) for k, v in data.get("counts", {}).items()})
         self.violations.update({k: int(v) for k, v in data.get("violations", {}).items()})
+        self.nodes.update({k: int(v) for k, v in data.get("nodes", {}).items()})
 
 
 @final
