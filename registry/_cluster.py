@@ -26,7 +26,7 @@ import anyio.abc
 from registry._events import encode_event, envelope_prefix
 from registry._lifecycle import Trigger
 from registry._outbound import CLOSE_OVERFLOW
-from registry._outbox import Append, Finish, Operation, Outbox, Tools
+from registry._outbox import Append, Disconnect, Finish, Operation, Outbox, Tools
 from registry._payloads import AgentCompleted, ToolCompleted
 from registry._run import Run
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
@@ -49,8 +49,8 @@ log = logging.getLogger("registry.cluster")
 NODE_LOST: Final = "node_lost"
 #: How long one tail waits for events before it asks again.
 _TAIL_WAIT_S: Final = 5.0
-#: How long a resume on another node waits for events still being replicated.
-_CATCH_UP_S: Final = 2.0
+
+
 _RETRY_S: Final = (0.05, 2.0)  # first and longest pause before retrying the shared state
 #: A lease lasts this share of node_lease_s, so that a survivor that checks every eighth
 #: of it ends a dead node's runs within node_lease_s.
@@ -189,15 +189,24 @@ class ClusterAPI(abc.ABC):
             self._progress = anyio.Event()
 
     async def _write(self, batch: list[Operation]) -> None:
+        """Writes a batch in few round trips: every run's events in one, then each run's
+        latest open tools, then the ends, then closed connections (the order that matters,
+        a run's events before its end, is kept)."""
         assert self._shared is not None
+        logs: dict[str, list[tuple[int, bytes]]] = {}
+        tools: dict[str, Mapping[str, str]] = {}
         for operation in batch:
             if isinstance(operation, Append):
-                await self._shared.append(operation.run_id, operation.entries)
+                logs.setdefault(operation.run_id, []).extend(operation.entries)
             elif isinstance(operation, Tools):
-                await self._shared.set_open_tools(operation.run_id, operation.open_tools)
-            elif isinstance(operation, Finish):
+                tools[operation.run_id] = operation.open_tools
+        await self._shared.append_many(logs)
+        for run_id, open_tools in tools.items():
+            await self._shared.set_open_tools(run_id, open_tools)
+        for operation in batch:
+            if isinstance(operation, Finish):
                 await self._shared.finish(operation.run_id, retention_s=operation.retention_s)
-            else:
+            elif isinstance(operation, Disconnect):
                 await self._shared.disconnect(operation.user_id, operation.conn_id)
 
     async def shared_written(self) -> None:
@@ -388,9 +397,10 @@ class ClusterAPI(abc.ABC):
         self.drop_mirror(run)
 
     async def caught_up(self, run: Run, seq: int) -> None:
-        """Waits (briefly) until a mirror holds ``seq``: another node's socket may hold
-        events that are still on their way to the shared state."""
-        with anyio.move_on_after(_CATCH_UP_S):
+        """Waits until a mirror holds ``seq``: another node's socket may hold events still
+        on their way to the shared state. At most ``node_lease_s``: while the run's node
+        lives they come, and a node that died has its runs ended within a lease."""
+        with anyio.move_on_after(self.config.node_lease_s):
             while run._mirror and run.last_seq < seq and not run.stream.ended:
                 await self._mirror_moved.setdefault(run.run_id, anyio.Event()).wait()
 

@@ -388,13 +388,19 @@ class RedisSharedState:
     # ------------------------------------------------------------ event log
     async def append(self, run_id: str, entries: Sequence[tuple[int, bytes]]) -> None:
         """See :meth:`SharedState.append`: one ``XADD`` per event, all in one round trip."""
-        if not entries:
+        await self.append_many({run_id: entries})
+
+    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
+        """See :meth:`SharedState.append_many`: every ``XADD`` in one ``MULTI`` (one round
+        trip; a tail sees each run's batch whole)."""
+        if not any(logs.values()):
             return
-        log = self._key("log:", run_id)
         with self._guard():
             async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
-                for seq, data in entries:
-                    pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
+                for run_id, entries in logs.items():
+                    log = self._key("log:", run_id)
+                    for seq, data in entries:
+                        pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
         for result in pipe.results or ():
             if isinstance(result, _UNAVAILABLE):
                 raise SharedStateUnavailable(f"redis: {result!r}") from result

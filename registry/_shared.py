@@ -101,6 +101,10 @@ class SharedState(Protocol):
         """Appends events (seq, wire bytes) in seq order; a seq already there is skipped."""
         ...
 
+    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
+        """:meth:`append` for several runs at once (one round trip where the store allows)."""
+        ...
+
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """Every retained event with seq > ``after_seq``.
 

@@ -159,6 +159,11 @@ class MemorySharedState:
         if entries and (wakeup := self._wakeups.pop(run_id, None)) is not None:
             wakeup.set()
 
+    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
+        """See :meth:`SharedState.append_many`."""
+        for run_id, entries in logs.items():
+            await self.append(run_id, entries)
+
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`."""
         await self._enter()

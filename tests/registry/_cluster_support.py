@@ -109,6 +109,10 @@ class Link:
         await self._enter()
         await self.target.append(run_id, entries)
 
+    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
+        await self._enter()
+        await self.target.append_many(logs)
+
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         await self._enter()
         return await self.target.read(run_id, after_seq)

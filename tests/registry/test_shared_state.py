@@ -8,13 +8,9 @@ The Redis half runs on a real ``redis-server`` that a module fixture starts on a
 from __future__ import annotations
 
 import hashlib
-import shutil
 import signal
-import socket
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -30,86 +26,16 @@ from registry._errors import Overloaded, RateLimited
 from registry._redis import open_redis_state
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
 from registry._shared_memory import MemorySharedState
+from tests import _redis
+from tests._redis import RedisServer
+from tests._redis import free_port as _free_port
 
-START_S = 5.0  # redis-server answers PING within this, else the fixture fails
 OUTAGE_S = 3.0  # a call to a stopped Redis raises within this
 POLL_S = 5.0  # bound of every polling loop (expiry, leases, resubscription)
 
-
-# ----------------------------------------------------------------- redis-server
-@attrs.define
-class RedisServer:
-    """A ``redis-server`` process this module owns (stopped and restarted by the tests)."""
-
-    directory: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.fail("redis-server is not installed: apt-get install redis-server")
-        self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + START_S
-        while not self._answers():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                pytest.fail(f"redis-server did not start on port {self.port}")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=START_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), _free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of the test's own, for the tests that stop it."""
-    server = RedisServer(tmp_path, _free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+# the redis-server fixtures (tests/_redis.py)
+redis_server = _redis.redis_server
+own_redis_server = _redis.own_redis_server
 
 
 # ------------------------------------------------------------------ the store
@@ -551,6 +477,15 @@ async def test_followers_are_the_nodes_that_said_so_recently_with_their_progress
     await poll(n1_expired)
 
 
+async def test_append_many_appends_each_run_s_events_as_append_does(store: Store) -> None:
+    for run in ("r1", "r2"):
+        await admit(store.a, run_record(run, request=f"q-{run}"))
+    await store.a.append("r1", events(1, 1))
+    await store.a.append_many({"r1": events(1, 3), "r2": events(1, 2)})
+    assert await store.b.read("r1", 0) == (0, events(1, 3))
+    assert await store.b.read("r2", 0) == (0, events(1, 2))
+
+
 async def test_ping(store: Store) -> None:
     await store.a.ping()
     await store.b.ping()
@@ -560,6 +495,7 @@ async def test_ping(store: Store) -> None:
 CALLS: list[tuple[str, Callable[[SharedState], Awaitable[Any]]]] = [
     ("admit", lambda s: admit(s, run_record("x"))),
     ("follow", lambda s: s.follow("r1", "n1", 1, 0)),
+    ("append_many", lambda s: s.append_many({"r1": events(1, 1)})),
     ("followers", lambda s: s.followers("r1")),
     ("set_open_tools", lambda s: s.set_open_tools("r1", {})),
     ("finish", lambda s: s.finish("r1", retention_s=1)),
