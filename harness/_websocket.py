@@ -38,6 +38,11 @@ CLOSE_TOO_BIG: Final = 1009
 _FIN_TEXT: Final = 0x81
 
 
+#: States in which the client's bytes are read: open, and after our close frame (for the
+#: client's reply, which completes the close handshake; its messages are then ignored).
+_READING: Final = (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING)
+
+
 def text_frame_header(size: int) -> bytes:
     """The header of an unmasked, final text frame carrying ``size`` payload bytes."""
     if size < 126:
@@ -108,7 +113,7 @@ class ServerWebSocket:
             What the client sent (whole messages, then at most one :class:`Closed`), and
             the bytes to write back now (pongs).
         """
-        if self._ended or self._ws.state is not ConnectionState.OPEN:
+        if self._ended or self._ws.state not in _READING:
             return [], b""
         self._ws.receive_data(data)
         out: list[Inbound] = []

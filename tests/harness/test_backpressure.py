@@ -85,7 +85,9 @@ async def test_a_slow_socket_does_not_hold_back_another_socket_on_the_same_run(
     server_kind: str,
 ) -> None:
     async with (
-        open_server(server_kind, max_queued_messages=20) as server,
+        # The slow socket reads only after the fast one read ~12 MB: on a loaded machine that can
+        # take longer than the default close_timeout_s, after which a 1006 would be right.
+        open_server(server_kind, max_queued_messages=20, close_timeout_s=120) as server,
         connect(server, "sam") as slow,
         connect(server, "sam") as fast,
     ):
