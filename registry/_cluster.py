@@ -25,8 +25,8 @@ import anyio.abc
 
 from registry._events import encode_event, envelope_prefix
 from registry._lifecycle import Trigger
-from registry._outbound import CLOSE_OVERFLOW
-from registry._outbox import Append, Disconnect, Finish, Operation, Outbox, Tools
+from registry._outbound import CLOSE_OVERFLOW, OutboundQueue
+from registry._outbox import Abandon, Append, Disconnect, Finish, Operation, Outbox, Tools
 from registry._payloads import AgentCompleted, ToolCompleted
 from registry._run import Run
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from registry._retention import Retention
     from registry._table import RunTable
 
-__all__ = ["ClusterAPI", "closing_frames"]
+__all__ = ["ClusterAPI", "closing_frames", "dedup_ttl_s"]
 
 log = logging.getLogger("registry.cluster")
 
@@ -55,6 +55,12 @@ _RETRY_S: Final = (0.05, 2.0)  # first and longest pause before retrying the sha
 #: A lease lasts this share of node_lease_s, so that a survivor that checks every eighth
 #: of it ends a dead node's runs within node_lease_s.
 _LEASE_SHARE: Final = 0.5
+
+
+def dedup_ttl_s(config: Config) -> float:
+    """How long a shared dedup key of an active run lives: past any run's end (which then
+    sets it to ``retention_s``), so it outlives the run even if its node dies."""
+    return config.agent_timeout_s + config.retention_s + 60
 
 
 def closing_frames(record: RunRecord, last_seq: int, ts: float) -> list[tuple[int, bytes]]:
@@ -102,6 +108,8 @@ class ClusterAPI(abc.ABC):
         self._unreachable_since: float | None = None
         self._trusted_since = anyio.current_time()
         self._mirror_moved: dict[str, anyio.Event] = {}
+        self._beaten = False  # the shared state has heard from this node
+        self._lost_state = False  # it lost this node's runs: write them again
 
     @property
     def shared_reachable(self) -> bool:
@@ -176,8 +184,12 @@ class ClusterAPI(abc.ABC):
                 pause = _RETRY_S[0]
 
     async def _write_some(self) -> None:
-        """Writes the oldest batch; on failure (or cancellation) it goes back in front."""
+        """Writes the oldest batch; on failure (or cancellation) it goes back in front.
+
+        If the shared state lost this node's runs, they are written again first."""
         async with self._write_lock:
+            if self._lost_state:
+                await self._restore_state()
             batch = self._outbox.take()
             try:
                 await self._write(batch)
@@ -189,9 +201,9 @@ class ClusterAPI(abc.ABC):
             self._progress = anyio.Event()
 
     async def _write(self, batch: list[Operation]) -> None:
-        """Writes a batch in few round trips: every run's events in one, then each run's
-        latest open tools, then the ends, then closed connections (the order that matters,
-        a run's events before its end, is kept)."""
+        """Writes a batch in few round trips: every run's events and latest open tools in
+        one atomic step, then the ends, then closed connections (the order that matters, a
+        run's events before its end, is kept)."""
         assert self._shared is not None
         logs: dict[str, list[tuple[int, bytes]]] = {}
         tools: dict[str, Mapping[str, str]] = {}
@@ -200,14 +212,36 @@ class ClusterAPI(abc.ABC):
                 logs.setdefault(operation.run_id, []).extend(operation.entries)
             elif isinstance(operation, Tools):
                 tools[operation.run_id] = operation.open_tools
-        await self._shared.append_many(logs)
-        for run_id, open_tools in tools.items():
-            await self._shared.set_open_tools(run_id, open_tools)
+        await self._shared.append_many(logs, tools)
         for operation in batch:
             if isinstance(operation, Finish):
                 await self._shared.finish(operation.run_id, retention_s=operation.retention_s)
             elif isinstance(operation, Disconnect):
                 await self._shared.disconnect(operation.user_id, operation.conn_id)
+            elif isinstance(operation, Abandon):
+                await self._shared.drop(operation.run_id)
+
+    async def _restore_state(self) -> None:
+        """Writes again what the shared state lost of this node: every run it runs or
+        retains (record, retained log, dedup key, slot) and its connections."""
+        assert self._shared is not None
+        for run in self._table.own():
+            stream = run.stream
+            record = RunRecord(
+                run_id=run.run_id, user_id=run.user_id, request_id=run.request_id,
+                thread_id=run.thread_id, agent=run.agent, node_id=self.node_id,
+                ended=stream.ended, open_tools=stream.open_tools)
+            entries = [(seq, stream.frame(seq))
+                       for seq in range(stream.trimmed_through + 1, stream.last_seq + 1)]
+            await self._shared.restore(
+                record, entries, trimmed=stream.trimmed_through,
+                dedup_ttl_s=dedup_ttl_s(self.config),
+                retention_s=self.config.retention_s)
+        for connection in self.manager.all_connections():
+            if isinstance(connection, OutboundQueue):
+                await self._shared.connect(connection.user_id, connection.conn_id,
+                                           self.node_id, self.config.max_connections_per_user)
+        self._lost_state = False
 
     async def shared_written(self) -> None:
         """Waits until everything queued for the shared state so far has been written."""
@@ -233,10 +267,17 @@ class ClusterAPI(abc.ABC):
     async def _beat(self) -> None:
         assert self._shared is not None
         try:
-            await self._shared.heartbeat(self.node_id, self.config.node_lease_s * _LEASE_SHARE)
+            known = await self._shared.heartbeat(self.node_id,
+                                                 self.config.node_lease_s * _LEASE_SHARE)
         except SharedStateUnavailable:
             self._unreachable()
             return
+        if not known and self._beaten:
+            log.warning("the shared state lost this node's runs (restarted empty?): "
+                        "writing them again")
+            self._lost_state = True
+            self._outbox_filled.set()  # the replicator restores them before writing more
+        self._beaten = True
         if self._unreachable_since is not None:
             log.warning("shared state reachable again")
             self._unreachable_since = None

@@ -134,6 +134,10 @@ class WebSocketManager:
                 took = await _hand_once(connection, Event.from_dict(message)) or took
         return took
 
+    def all_connections(self) -> list[Connection]:
+        """Every open connection."""
+        return [c for mine in self._by_user.values() for c in mine]
+
     def connection_count(self) -> int:
         return sum(len(c) for c in self._by_user.values())
 

@@ -16,7 +16,7 @@ from typing import Final, final
 
 import attrs
 
-__all__ = ["Append", "Disconnect", "Finish", "Operation", "Outbox", "Tools"]
+__all__ = ["Abandon", "Append", "Disconnect", "Finish", "Operation", "Outbox", "Tools"]
 
 #: How many operations one write takes at most.
 BATCH: Final = 256
@@ -69,7 +69,19 @@ class Disconnect:
     size = 0
 
 
-Operation = Append | Tools | Finish | Disconnect
+@final
+@attrs.frozen
+class Abandon:
+    """An admission whose answer never came (the shared state timed out): if it was
+    registered after all, it is undone, so that no dedup key or slot points at a run that
+    no node runs."""
+
+    run_id: str
+
+    size = 0
+
+
+Operation = Append | Tools | Finish | Disconnect | Abandon
 
 
 @final

@@ -29,14 +29,16 @@ Key layout:
 Each state change is one Lua script (one round trip, atomic): ``admit`` (dedup check, both
 limits, registration), ``finish``, ``drop``, ``set_open_tools`` and ``trim`` (which never
 recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_nodes``,
-``claim``, ``forget_node``. An ``append`` of n events is n ``XADD`` in one ``MULTI``/``EXEC``
-(one round trip; a refused id fails only its own ``XADD``; a tail sees the batch whole);
-``read`` is ``HGET trimmed`` + ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a
-second connection pool (``max_tails`` connections), so that waiting tails never hold the
-connections the other commands multiplex on. Every command is safe to run twice (coredis
-retries one whose connection broke): a re-run admit finds its own run, a re-run claim its own
-claim, a re-run finish changes nothing. Only ``PUBLISH`` is not, so it goes through a third
-client that never retries (a message is delivered at most once).
+``claim``, ``forget_node``, ``restore`` (a node writes its runs again into a Redis that lost
+them: ``heartbeat`` tells it). An ``append`` of n events is n ``XADD`` in one
+``MULTI``/``EXEC`` with the runs' open tools (one round trip; a refused id fails only its
+own ``XADD``; a tail sees the batch whole); ``read`` is ``HGET trimmed`` + ``XRANGE`` in one
+``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool (``max_tails``
+connections), so that waiting tails never hold the connections the others multiplex on.
+Every command is safe to run twice (coredis retries one whose connection broke): a re-run
+admit finds its own run, a re-run claim its own claim, a re-run finish changes nothing. Only
+``PUBLISH`` is not, so it goes through a third client that never retries (a message is
+delivered at most once).
 
 Every connection error and timeout (``timeout_s`` per call, ``wait_s + timeout_s`` for
 ``tail``) is raised as :class:`SharedStateUnavailable`; coredis reconnects on the next
@@ -193,8 +195,32 @@ return 1
 _HEARTBEAT: Final = """
 -- KEYS: lease, nodes; ARGV: node_id, lease_ms
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 0
+return redis.call('SADD', KEYS[2], ARGV[1])
+"""
+
+_RESTORE: Final = """
+-- KEYS: run, log, dedup, active:user, active:all, noderuns
+-- ARGV: run_id, user_id, request_id, thread_id, agent, node_id, ended, open_tools, trimmed,
+--       dedup_ms, retention_ms, then seq, data pairs
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+for i = 12, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '0-' .. ARGV[i], 'f', ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'user_id', ARGV[2], 'request_id', ARGV[3], 'thread_id', ARGV[4],
+  'agent', ARGV[5], 'node_id', ARGV[6], 'ended', ARGV[7], 'open_tools', ARGV[8],
+  'trimmed', ARGV[9], 'akey', KEYS[4], 'dkey', KEYS[3])
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[11])
+  redis.call('PEXPIRE', KEYS[1], ARGV[11])
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[11]) end
+else
+  redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[10])
+  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('SADD', KEYS[5], ARGV[1])
+  redis.call('SADD', KEYS[6], ARGV[1])
+end
+return 1
 """
 
 _DEAD_NODES: Final = """
@@ -390,10 +416,14 @@ class RedisSharedState:
         """See :meth:`SharedState.append`: one ``XADD`` per event, all in one round trip."""
         await self.append_many({run_id: entries})
 
-    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
-        """See :meth:`SharedState.append_many`: every ``XADD`` in one ``MULTI`` (one round
-        trip; a tail sees each run's batch whole)."""
-        if not any(logs.values()):
+    async def append_many(
+        self, logs: Mapping[str, Sequence[tuple[int, bytes]]],
+        open_tools: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """See :meth:`SharedState.append_many`: every ``XADD`` and open-tools update in one
+        ``MULTI`` (one round trip; a tail sees each run's batch whole)."""
+        open_tools = open_tools or {}
+        if not any(logs.values()) and not open_tools:
             return
         with self._guard():
             async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
@@ -401,6 +431,10 @@ class RedisSharedState:
                     log = self._key("log:", run_id)
                     for seq, data in entries:
                         pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
+                for run_id, tools in open_tools.items():
+                    self._scripts["set_open_tools"](
+                        keys=[self._key("run:", run_id)], args=[json.dumps(dict(tools))],
+                        client=pipe)
         for result in pipe.results or ():
             if isinstance(result, _UNAVAILABLE):
                 raise SharedStateUnavailable(f"redis: {result!r}") from result
@@ -475,10 +509,30 @@ class RedisSharedState:
         now = await self._client.time()
         return int(now.timestamp() * 1000)
 
-    async def heartbeat(self, node_id: str, lease_s: float) -> None:
+    async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """See :meth:`SharedState.heartbeat`."""
         keys = [self._key("lease:", node_id), self._key("nodes")]
-        await self._run_script("heartbeat", keys, [node_id, _ms(lease_s)])
+        return not int(await self._run_script("heartbeat", keys, [node_id, _ms(lease_s)]))
+
+    async def restore(
+        self, record: RunRecord, entries: Sequence[tuple[int, bytes]], *, trimmed: int,
+        dedup_ttl_s: float, retention_s: float,
+    ) -> bool:
+        """See :meth:`SharedState.restore`: one script (the log is written whole or not)."""
+        keys = [
+            self._key("run:", record.run_id), self._key("log:", record.run_id),
+            self._key("dedup:", _h(record.user_id), ":", _h(record.request_id)),
+            self._key("active:user:", _h(record.user_id)), self._key("active:all"),
+            self._key("noderuns:", record.node_id),
+        ]
+        args: list[str | int | bytes] = [
+            record.run_id, record.user_id, record.request_id, record.thread_id, record.agent,
+            record.node_id, int(record.ended), json.dumps(dict(record.open_tools)), trimmed,
+            _ms(dedup_ttl_s), _ms(retention_s),
+        ]
+        for seq, data in entries:
+            args += [seq, data]
+        return bool(await self._run_script("restore", keys, args))
 
     async def dead_nodes(self) -> list[str]:
         """See :meth:`SharedState.dead_nodes` (sorted)."""
@@ -578,7 +632,9 @@ class RedisSharedState:
     def _run_keys(self, run_id: str) -> list[str]:
         return [self._key("run:", run_id), self._key("log:", run_id), self._key("active:all")]
 
-    async def _run_script(self, name: str, keys: list[str], args: Sequence[str | int]) -> Any:
+    async def _run_script(
+        self, name: str, keys: list[str], args: Sequence[str | int | bytes]
+    ) -> Any:
         with self._guard():
             return await self._scripts[name](keys=keys, args=list(args))
 
@@ -601,6 +657,7 @@ _SCRIPTS: Final = {
     "admit": _ADMIT, "finish": _FINISH, "drop": _DROP, "set_open_tools": _SET_OPEN_TOOLS,
     "trim": _TRIM, "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
     "dead_nodes": _DEAD_NODES, "claim": _CLAIM, "forget_node": _FORGET_NODE,
+    "restore": _RESTORE,
 }
 
 

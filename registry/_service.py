@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from registry._cluster import dedup_ttl_s
 from registry._errors import (
     InvalidField,
     Overloaded,
@@ -23,7 +24,7 @@ from registry._errors import (
     quote,
 )
 from registry._outbound import OutboundQueue
-from registry._outbox import Disconnect, Operation
+from registry._outbox import Abandon, Disconnect, Operation
 from registry._run import Run
 from registry._shared import RunRecord, SharedState, SharedStateUnavailable
 
@@ -140,13 +141,14 @@ class ServiceAPI(abc.ABC):
             run_id=secrets.token_hex(16), user_id=user_id, request_id=request_id,
             thread_id=thread_id or "thread_" + secrets.token_hex(8), agent=agent,
             node_id=self.node_id)
-        ttl = self.config.agent_timeout_s + self.config.retention_s + 60
         try:
             return await self._shared.admit(
                 record, max_active_runs_per_user=self.config.max_active_runs_per_user,
-                max_active_runs=self.config.max_active_runs, dedup_ttl_s=ttl)
+                max_active_runs=self.config.max_active_runs,
+                dedup_ttl_s=dedup_ttl_s(self.config))
         except SharedStateUnavailable:
             self._unreachable()
+            self._owe(Abandon(record.run_id))  # in case Redis runs it after all
             raise Overloaded("the service's shared state is unreachable") from None
 
     async def _find(self, run_id: str, user_id: str) -> Run | RunRecord:

@@ -101,8 +101,13 @@ class SharedState(Protocol):
         """Appends events (seq, wire bytes) in seq order; a seq already there is skipped."""
         ...
 
-    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
-        """:meth:`append` for several runs at once (one round trip where the store allows)."""
+    async def append_many(
+        self, logs: Mapping[str, Sequence[tuple[int, bytes]]],
+        open_tools: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """:meth:`append` for several runs, and :meth:`set_open_tools` for several runs, in
+        one atomic step: no reader ever sees a ``tool_executing`` whose open tool is not
+        recorded yet (a survivor would end the run without closing the tool)."""
         ...
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
@@ -144,8 +149,27 @@ class SharedState(Protocol):
         ...
 
     # ---------------------------------------------------------------- nodes
-    async def heartbeat(self, node_id: str, lease_s: float) -> None:
-        """Says ``node_id`` is alive for the next ``lease_s`` seconds."""
+    async def heartbeat(self, node_id: str, lease_s: float) -> bool:
+        """Says ``node_id`` is alive for the next ``lease_s`` seconds.
+
+        Returns:
+            Whether the store knew the node already: False at its first beat, and after the
+            store lost its data (a Redis restarted empty), when the node must
+            :meth:`restore` its runs.
+        """
+        ...
+
+    async def restore(
+        self, record: RunRecord, entries: Sequence[tuple[int, bytes]], *, trimmed: int,
+        dedup_ttl_s: float, retention_s: float,
+    ) -> bool:
+        """Writes again a run the store lost, from its node's copy: the record, the retained
+        log (``entries`` after ``trimmed``), its dedup key (unless taken), and its active slot
+        (or, ended, its expiry ``retention_s`` from now). A run the store has is left alone.
+
+        Returns:
+            Whether the run was written.
+        """
         ...
 
     async def dead_nodes(self) -> list[str]:

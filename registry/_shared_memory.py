@@ -149,6 +149,9 @@ class MemorySharedState:
     async def append(self, run_id: str, entries: Sequence[tuple[int, bytes]]) -> None:
         """See :meth:`SharedState.append`: a seq at or below the log's top is skipped."""
         await self._enter()
+        self._append(run_id, entries)
+
+    def _append(self, run_id: str, entries: Sequence[tuple[int, bytes]]) -> None:
         log = self._live_log(run_id)
         if log is None:
             log = self._logs[run_id] = _Log()
@@ -159,10 +162,17 @@ class MemorySharedState:
         if entries and (wakeup := self._wakeups.pop(run_id, None)) is not None:
             wakeup.set()
 
-    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
-        """See :meth:`SharedState.append_many`."""
+    async def append_many(
+        self, logs: Mapping[str, Sequence[tuple[int, bytes]]],
+        open_tools: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """See :meth:`SharedState.append_many`: one step, like one Redis transaction."""
+        await self._enter()
         for run_id, entries in logs.items():
-            await self.append(run_id, entries)
+            self._append(run_id, entries)
+        for run_id, tools in (open_tools or {}).items():
+            if (run := self._live_run(run_id)) is not None:
+                run.record = attrs.evolve(run.record, open_tools=dict(tools))
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`."""
@@ -220,11 +230,49 @@ class MemorySharedState:
             self._conns.pop(user_id, None)
 
     # ---------------------------------------------------------------- nodes
-    async def heartbeat(self, node_id: str, lease_s: float) -> None:
+    async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """See :meth:`SharedState.heartbeat`."""
         await self._enter()
         self._leases[node_id] = self.clock() + lease_s
+        known = node_id in self._nodes
         self._nodes.add(node_id)
+        return known
+
+    async def restore(
+        self, record: RunRecord, entries: Sequence[tuple[int, bytes]], *, trimmed: int,
+        dedup_ttl_s: float, retention_s: float,
+    ) -> bool:
+        """See :meth:`SharedState.restore`."""
+        await self._enter()
+        if self._live_run(record.run_id) is not None:
+            return False
+        expires_at = self.clock() + retention_s if record.ended else None
+        self._runs[record.run_id] = _Run(attrs.evolve(record, open_tools=dict(record.open_tools)),
+                                         expires_at)
+        log = self._logs[record.run_id] = _Log(trimmed=trimmed, top=trimmed,
+                                               expires_at=expires_at)
+        for seq, data in entries:
+            log.events[seq] = data
+            log.top = seq
+        key = (record.user_id, record.request_id)
+        if self._live_dedup(key) is None:
+            ttl = retention_s if record.ended else dedup_ttl_s
+            self._dedup[key] = _Expiring(record.run_id, self.clock() + ttl)
+        if not record.ended:
+            self._active.add(record.run_id)
+            self._active_per_user.setdefault(record.user_id, set()).add(record.run_id)
+            self._node_runs.setdefault(record.node_id, set()).add(record.run_id)
+        if (wakeup := self._wakeups.pop(record.run_id, None)) is not None:
+            wakeup.set()
+        return True
+
+    def flush(self) -> None:
+        """Forgets everything, as a Redis restarted without persistence does (for tests)."""
+        for name in ("_runs", "_logs", "_dedup", "_active_per_user", "_node_runs", "_conns",
+                     "_leases", "_claims", "_follows"):
+            getattr(self, name).clear()
+        self._active.clear()
+        self._nodes.clear()
 
     async def dead_nodes(self) -> list[str]:
         """See :meth:`SharedState.dead_nodes` (sorted)."""

@@ -87,6 +87,10 @@ class RunTable:
     def active(self) -> Iterator[Run]:
         return iter(tuple(self._active.values()))
 
+    def own(self) -> list[Run]:
+        """The runs this registry runs or ran and retains (no mirror), oldest first."""
+        return [run for run in self._runs.values() if not run._mirror]
+
     def stale(self, horizon: float) -> list[Run]:
         """The active runs created at or before ``horizon``."""
         return [run for run in self._active.values() if run.created_at <= horizon]

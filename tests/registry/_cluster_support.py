@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from registry import AgentContext, AgentExecutionRegistry, OutboundQueue, open_registry
-from registry._shared import RunRecord
+from registry._shared import RunRecord, SharedStateUnavailable
 from registry._shared_memory import MemorySharedState
 from registry._util import unwrapping_groups
 from tests.registry._support import USER, chatty, config, echo, hang, in_tool, make_agents
@@ -65,12 +65,15 @@ class Link:
         rtt: Mock seconds each call takes before it reaches ``target``.
         frozen: Every call from now on blocks forever (the node is gone).
         tail_gate: While set and not yet set()/released, ``tail`` calls wait for it first.
+        lose_admit_replies: An ``admit`` is done in the store, but its answer never comes
+            back: the node sees SharedStateUnavailable (a timeout).
     """
 
     target: MemorySharedState
     rtt: float = 0.0
     frozen: bool = False
     tail_gate: trio.Event | None = None
+    lose_admit_replies: bool = False
 
     async def _enter(self) -> None:
         if self.frozen:
@@ -85,9 +88,12 @@ class Link:
         dedup_ttl_s: float,
     ) -> tuple[RunRecord, bool]:
         await self._enter()
-        return await self.target.admit(
+        answer = await self.target.admit(
             record, max_active_runs_per_user=max_active_runs_per_user,
             max_active_runs=max_active_runs, dedup_ttl_s=dedup_ttl_s)
+        if self.lose_admit_replies:
+            raise SharedStateUnavailable("the admit timed out (it was done in the store)")
+        return answer
 
     async def set_open_tools(self, run_id: str, open_tools: Mapping[str, str]) -> None:
         await self._enter()
@@ -109,9 +115,12 @@ class Link:
         await self._enter()
         await self.target.append(run_id, entries)
 
-    async def append_many(self, logs: Mapping[str, Sequence[tuple[int, bytes]]]) -> None:
+    async def append_many(
+        self, logs: Mapping[str, Sequence[tuple[int, bytes]]],
+        open_tools: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         await self._enter()
-        await self.target.append_many(logs)
+        await self.target.append_many(logs, open_tools)
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         await self._enter()
@@ -145,9 +154,17 @@ class Link:
         await self._enter()
         await self.target.disconnect(user_id, conn_id)
 
-    async def heartbeat(self, node_id: str, lease_s: float) -> None:
+    async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         await self._enter()
-        await self.target.heartbeat(node_id, lease_s)
+        return await self.target.heartbeat(node_id, lease_s)
+
+    async def restore(
+        self, record: RunRecord, entries: Sequence[tuple[int, bytes]], *, trimmed: int,
+        dedup_ttl_s: float, retention_s: float,
+    ) -> bool:
+        await self._enter()
+        return await self.target.restore(record, entries, trimmed=trimmed,
+                                         dedup_ttl_s=dedup_ttl_s, retention_s=retention_s)
 
     async def dead_nodes(self) -> list[str]:
         await self._enter()

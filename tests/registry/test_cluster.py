@@ -556,6 +556,54 @@ async def test_an_outage_refuses_starts_degrades_health_and_loses_no_event(
         assert all(cluster[node].health().ok for node in "ABC")
 
 
+async def test_a_start_whose_admission_answer_was_lost_leaves_nothing_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store registered the run, but the node timed out waiting and refused the start
+    (overloaded): the node undoes it, so the request starts afresh and the slot is free."""
+    async with open_cluster(max_active_runs_per_user=1) as cluster:
+        on_a = await Socket(cluster["A"]).connect()
+        cluster.nodes["A"].link.lose_admit_replies = True
+        with pytest.raises(Overloaded):
+            await on_a.start("echo", request_id="q")
+        cluster.nodes["A"].link.lose_admit_replies = False
+        await settle()
+        on_b = await Socket(cluster["B"]).connect()
+        ids, duplicate = await cluster["B"].on_start_agent(
+            user_id=USER, request_id="q", agent="echo", message="again",
+            subscriber=on_b.queue)
+        assert not duplicate
+        assert check_run(await on_b.until_completed(ids.run_id))["status"] == "succeeded"
+
+
+async def test_a_store_that_lost_everything_gets_each_node_s_runs_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A Redis restarted empty: each node's next heartbeat finds it unknown, and the node
+    writes its runs (active and retained) and connections again, before more events."""
+    async with open_cluster(max_active_runs_per_user=1, max_connections_per_user=2) as cluster:
+        on_a = await Socket(cluster["A"]).connect()
+        done = await on_a.start("echo", request_id="done")
+        ended = await on_a.until_completed(done)
+        run_id = await on_a.start("ticker", request_id="live", context={"ticks": 8})
+        await on_a.until_seq(run_id, 4)
+        cluster.shared.flush()
+        await trio.sleep(LEASE_S / 3)  # a heartbeat at most
+        on_b = await Socket(cluster["B"]).connect()
+        with pytest.raises(TooManyConnections):  # A's socket counts again
+            await Socket(cluster["C"]).connect()
+        with pytest.raises(RateLimited):  # and so does the live run's slot
+            await on_b.start("echo", request_id="another")
+        ids, duplicate = await cluster["B"].on_start_agent(
+            user_id=USER, request_id="live", agent="ticker", message="again")
+        assert (ids.run_id, duplicate) == (run_id, True)
+        await on_b.resume(done, 0)
+        assert await on_b.until_completed(done) == ended
+        await on_b.resume(run_id, 0)
+        assert await on_b.until_completed(run_id) == await on_a.until_completed(run_id)
+        assert check_run(on_b.events(run_id))["result"] == "done"
+
+
 async def test_a_socket_closed_during_an_outage_still_counts_afterwards(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

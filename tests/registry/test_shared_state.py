@@ -410,6 +410,63 @@ async def test_a_node_that_heartbeats_again_is_alive(store: Store) -> None:
     assert await store.b.dead_nodes() == []
 
 
+async def test_a_heartbeat_says_whether_the_store_knew_the_node(store: Store) -> None:
+    assert await store.a.heartbeat("n1", lease_s=60) is False  # its first beat
+    assert await store.b.heartbeat("n1", lease_s=60) is True
+    await store.a.forget_node("n1")  # as after a clean exit, or a store that lost it
+    assert await store.a.heartbeat("n1", lease_s=60) is False
+
+
+async def test_restore_writes_a_lost_active_run_again(store: Store) -> None:
+    record = attrs.evolve(run_record("r1", request="q"), open_tools={"c1": "search"})
+    assert await store.a.restore(record, events(3, 4), trimmed=2, dedup_ttl_s=60,
+                                 retention_s=60)
+    assert await store.b.record("r1") == record
+    assert await store.b.read("r1", 0) == (2, events(3, 4))
+    assert await store.b.node_runs("n1") == ["r1"]
+    assert await admit(store.b, run_record("r2", request="q", node="n2")) == (record, True)
+    with pytest.raises(RateLimited):  # its slot counts again
+        await admit(store.b, run_record("r3", request="other"), per_user=1)
+    await store.a.append("r1", events(4, 5))  # the node goes on where it was
+    assert await store.b.read("r1", 3) == (2, events(4, 5))
+
+
+async def test_restore_writes_a_lost_ended_run_again_for_its_retention(store: Store) -> None:
+    record = attrs.evolve(run_record("r1", request="q"), ended=True)
+    assert await store.a.restore(record, events(1, 2), trimmed=0, dedup_ttl_s=60,
+                                 retention_s=0.3)
+    assert await store.b.record("r1") == record
+    assert await store.b.node_runs("n1") == []  # no slot
+    assert await admit(store.b, run_record("r2", request="other"), per_user=1) == (
+        run_record("r2", request="other"), False)
+    assert (await admit(store.b, run_record("r3", request="q")))[0].run_id == "r1"
+
+    async def expired() -> bool:
+        return await store.b.record("r1") is None and await store.b.read("r1", 0) == (0, [])
+
+    await poll(expired)
+
+
+async def test_restore_leaves_a_run_the_store_has_alone(store: Store) -> None:
+    record = run_record("r1", request="q")
+    await admit(store.a, record)
+    await store.a.append("r1", events(1, 2, 3))
+    ended = attrs.evolve(record, ended=True, open_tools={"c": "t"})
+    assert not await store.b.restore(ended, events(1), trimmed=0, dedup_ttl_s=60,
+                                     retention_s=60)
+    assert await store.b.record("r1") == record
+    assert await store.b.read("r1", 0) == (0, events(1, 2, 3))
+
+
+async def test_restore_replaces_a_log_written_after_the_loss(store: Store) -> None:
+    """Events appended to the empty store before the node noticed the loss are rewritten
+    with the ones before them, in order."""
+    await store.a.append("r1", events(5, 6))
+    assert await store.a.restore(run_record("r1"), events(4, 5, 6), trimmed=3,
+                                 dedup_ttl_s=60, retention_s=60)
+    assert await store.b.read("r1", 0) == (3, events(4, 5, 6))
+
+
 async def test_node_runs_are_the_active_runs_it_owns(store: Store) -> None:
     await admit(store.a, run_record("r1", node="n1"))
     await admit(store.a, run_record("r2", node="n1"))
@@ -484,6 +541,20 @@ async def test_append_many_appends_each_run_s_events_as_append_does(store: Store
     await store.a.append_many({"r1": events(1, 3), "r2": events(1, 2)})
     assert await store.b.read("r1", 0) == (0, events(1, 3))
     assert await store.b.read("r2", 0) == (0, events(1, 2))
+
+
+async def test_append_many_records_open_tools_with_the_events(store: Store) -> None:
+    for run in ("r1", "r2"):
+        await admit(store.a, run_record(run, request=f"q-{run}"))
+    await store.a.append_many({"r1": events(1, 2)}, {"r1": {"c1": "search"}, "r2": {},
+                                                     "gone": {"c": "t"}})
+    record = await store.b.record("r1")
+    assert record is not None and record.open_tools == {"c1": "search"}
+    await store.a.append_many({}, {"r1": {}})
+    record = await store.b.record("r1")
+    assert record is not None and record.open_tools == {}
+    assert await store.b.record("gone") is None  # a run that is gone stays gone
+    assert await store.b.read("r1", 0) == (0, events(1, 2))
 
 
 async def test_ping(store: Store) -> None:
