@@ -1,0 +1,1 @@
+"""BEFORE: the hand-written WebSocket/agent glue the migration deletes (see ``app``)."""
