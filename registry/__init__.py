@@ -39,6 +39,7 @@ from registry._manager import Subscriber as Subscriber
 from registry._manager import WebSocketManager as WebSocketManager
 from registry._memory import MemorySubscriber as MemorySubscriber
 from registry._notifier import WebSocketNotifier as WebSocketNotifier
+from registry._open import open_registry as open_registry
 from registry._outbound import CLOSE_OVERFLOW as CLOSE_OVERFLOW
 from registry._outbound import OutboundQueue as OutboundQueue
 from registry._payloads import AgentCompleted as AgentCompleted
@@ -54,7 +55,6 @@ from registry._payloads import payload_from_dict as payload_from_dict
 from registry._payloads import payload_to_dict as payload_to_dict
 from registry._payloads import validate_payload as validate_payload
 from registry._registry import AgentExecutionRegistry as AgentExecutionRegistry
-from registry._registry import open_registry as open_registry
 from registry._run import AgentExecutionContext as AgentExecutionContext
 from registry._run import Run as Run
 from registry._stream import RunStream as RunStream

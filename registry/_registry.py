@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, final
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from registry._agents import AgentRegistry, Supervisor, ToolDispatcher, run_agent
+from registry._agents import Supervisor, run_agent
 from registry._cluster import ClusterAPI
 from registry._compat import MigrationPlanAPI
 from registry._config import Config
-from registry._current import OPEN
 from registry._delivery import Delivery
 from registry._emit import EmitAPI
 from registry._errors import RunNotFound
@@ -31,7 +29,6 @@ from registry._health import DeliveryWindow, Health, RegistryStatistics, judge, 
 from registry._lifecycle import Trigger
 from registry._manager import Connection, WebSocketManager
 from registry._payloads import outcome
-from registry._redis import open_redis_state
 from registry._retention import Retention
 from registry._run import Run
 from registry._service import ServiceAPI
@@ -40,9 +37,8 @@ from registry._stream import RunStream
 from registry._subscriptions import SubscriptionsAPI
 from registry._table import RunTable
 from registry._timers import DeadlineQueue, Pacer
-from registry._util import unwrapping_groups
 
-__all__ = ["AgentExecutionRegistry", "open_registry"]
+__all__ = ["AgentExecutionRegistry"]
 
 log = logging.getLogger("registry")
 
@@ -54,53 +50,6 @@ _REASONS: Final = {
     Trigger.SHUTDOWN: "the server is shutting down",
     Trigger.STALE: "stale context swept",
 }
-
-
-@asynccontextmanager
-async def open_registry(
-    config: Config | None = None,
-    *,
-    agents: AgentRegistry | None = None,
-    tools: ToolDispatcher | None = None,
-    shared: SharedState | None = None,
-) -> AsyncIterator[AgentExecutionRegistry]:
-    """Opens a registry whose runs and services live in a task group of this block.
-
-    On exit (normal, exception or cancellation) every active run is cancelled with its
-    terminal event delivered (bounded by ``shutdown_grace_s``); the block returns once
-    every run has ended and been unregistered.
-
-    Args:
-        config: Timeouts and limits; ``Config()`` when omitted.
-        agents: The agents runs may use; an empty :class:`AgentRegistry` when omitted.
-        tools: The tools agents may call; an empty :class:`ToolDispatcher` when omitted.
-        shared: The state shared with the other nodes of a service; opened from
-            ``config.redis_url`` when omitted and set, else none (all state in memory).
-    """
-    config = config or Config()
-    async with AsyncExitStack() as stack:
-        if shared is None and config.redis_url is not None:
-            shared = await stack.enter_async_context(open_redis_state(config.redis_url))
-        reg = await stack.enter_async_context(_running(config, agents, tools, shared))
-        yield reg
-
-
-@asynccontextmanager
-async def _running(
-    config: Config, agents: AgentRegistry | None, tools: ToolDispatcher | None,
-    shared: SharedState | None,
-) -> AsyncIterator[AgentExecutionRegistry]:
-    async with unwrapping_groups(), anyio.create_task_group() as tg:
-        reg = AgentExecutionRegistry(config, tg, Supervisor(agents, tools), shared)
-        await reg.start_services()
-        OPEN.append(reg)
-        try:
-            yield reg
-        finally:
-            OPEN.remove(reg)
-            with anyio.move_on_after(config.shutdown_grace_s, shield=True):
-                await reg.aclose_runs()
-            tg.cancel_scope.cancel()
 
 
 @final
@@ -279,36 +228,6 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
                 self._idle.set()
 
     # ============================================================= services
-    def _maybe_detached(self, run: Run) -> None:
-        """Starts the detach timer of a run left with no subscribed connection.
-
-        A mirror nobody here follows any more is dropped instead.
-        """
-        if self.manager.has_subscribers(run.run_id):
-            return
-        if run._mirror:
-            self.drop_mirror(run)
-        elif run.is_active:
-            self._detached.push((run, run._detach_generation))
-
-    def _detach_due(self, item: tuple[Run, int]) -> None:
-        """Cancels the run unless it was subscribed again since its timer started.
-
-        In a service, a socket on another node following the run counts too.
-        """
-        run, generation = item
-        if run._detach_generation == generation and not self.manager.has_subscribers(run.run_id):
-            if self._shared is None:
-                self._end(run, Trigger.DETACH)
-            else:
-                self._tg.start_soon(self._detach_unless_followed, run, generation)
-
-    async def _detach_unless_followed(self, run: Run, generation: int) -> None:
-        if await self.followed_elsewhere(run):
-            self._detached.push((run, run._detach_generation))
-        elif run._detach_generation == generation:
-            self._end(run, Trigger.DETACH)
-
     async def _sweep_service(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:

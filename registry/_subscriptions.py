@@ -1,4 +1,5 @@
-"""Connections and what they follow: connect, resume, ack, and the subscription they make.
+"""Connections and what they follow: connect, resume, ack, the subscription they make, and
+the detach timer of a run that no connection follows any more.
 
 A mixin of :class:`~registry.AgentExecutionRegistry` over the driver's state declared
 below. A connection is an :class:`~registry.OutboundQueue` (a socket, reading each run's log
@@ -8,9 +9,13 @@ through its own cursor) or any other :class:`~registry.Subscriber` (handed each 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio.abc
 
 from registry._errors import InvalidField, ResumeUnavailable, RunNotFound
+from registry._lifecycle import Trigger
 from registry._outbound import OutboundQueue
 from registry._stream import SeqOutOfRange
 
@@ -19,7 +24,9 @@ if TYPE_CHECKING:
     from registry._delivery import Delivery
     from registry._manager import Connection, WebSocketManager
     from registry._run import Run
+    from registry._shared import SharedState
     from registry._table import RunTable
+    from registry._timers import DeadlineQueue
 
 __all__ = ["SubscriptionsAPI"]
 
@@ -32,8 +39,19 @@ class SubscriptionsAPI(abc.ABC):
     _table: RunTable
     _delivery: Delivery
 
+    _shared: SharedState | None
+    _tg: anyio.abc.TaskGroup
+    _detached: DeadlineQueue[tuple[Run, int]]
+
     @abc.abstractmethod
-    def _maybe_detached(self, run: Run) -> None: ...
+    def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
+             from_inside: bool = False) -> bool: ...
+
+    @abc.abstractmethod
+    async def followed_elsewhere(self, run: Run) -> bool: ...
+
+    @abc.abstractmethod
+    def drop_mirror(self, run: Run) -> None: ...
 
     # ========================================================= connections
     def connect(self, connection: Connection) -> None:
@@ -98,6 +116,36 @@ class SubscriptionsAPI(abc.ABC):
         else:
             connection.attach(run.run_id, after_seq, list(run.stream.events_after(after_seq)))
 
+    # ============================================================== detach
+    def _maybe_detached(self, run: Run) -> None:
+        """Starts the detach timer of a run left with no subscribed connection.
+
+        A mirror nobody here follows any more is dropped instead.
+        """
+        if self.manager.has_subscribers(run.run_id):
+            return
+        if run._mirror:
+            self.drop_mirror(run)
+        elif run.is_active:
+            self._detached.push((run, run._detach_generation))
+
+    def _detach_due(self, item: tuple[Run, int]) -> None:
+        """Cancels the run unless it was subscribed again since its timer started.
+
+        In a service, a socket on another node following the run counts too.
+        """
+        run, generation = item
+        if run._detach_generation == generation and not self.manager.has_subscribers(run.run_id):
+            if self._shared is None:
+                self._end(run, Trigger.DETACH)
+            else:
+                self._tg.start_soon(self._detach_unless_followed, run, generation)
+
+    async def _detach_unless_followed(self, run: Run, generation: int) -> None:
+        if await self.followed_elsewhere(run):
+            self._detached.push((run, run._detach_generation))
+        elif run._detach_generation == generation:
+            self._end(run, Trigger.DETACH)
 
 
 def _sent_through(connection: Connection, run_id: str) -> int:

@@ -275,14 +275,16 @@ async def test_rate_limited_wins_over_overloaded(server_kind: str) -> None:
 async def test_a_close_the_server_starts_ends_when_the_client_answers(server_kind: str) -> None:
     """The client's close reply completes the handshake: the TCP connection ends then,
     not ``close_timeout_s`` later (an hour here; the raw client gives up after 15 s)."""
-    async with open_server(server_kind, close_timeout_s=3600, shutdown_grace_s=3600) as server:
-        async with raw_connect(server) as client:
-            server.shut_down()
-            closing = await client.next_event()
-            assert isinstance(closing, wse.CloseConnection)
-            assert closing.code == 1001
-            await client.send(closing.response())
-            assert await client.next_event() is None
+    async with (
+        open_server(server_kind, close_timeout_s=3600, shutdown_grace_s=3600) as server,
+        raw_connect(server) as client,
+    ):
+        server.shut_down()
+        closing = await client.next_event()
+        assert isinstance(closing, wse.CloseConnection)
+        assert closing.code == 1001
+        await client.send(closing.response())
+        assert await client.next_event() is None
 
 
 # ----------------------------------------------------------------------- size
