@@ -4,6 +4,11 @@ socket, so that a thousand busy sockets cost it a small share of one core.
 ``python -m benchmarks.leangen --url ws://127.0.0.1:PORT/ws --sockets 1000 --delay-ms 500
 --tools 2 --tokens 20 --duration 30 --warmup 5 --server-pid PID --out result.json``
 
+Several nodes of one service: ``--url`` takes a comma-separated list and the sockets are spread
+over it round robin (socket i on node i mod N), ``--server-pid`` takes the nodes' pids (their
+CPU and RSS are summed) and ``--redis HOST:PORT`` reads the Redis's ``INFO`` at the window's
+edges (commands, reads and CPU, per event: :mod:`benchmarks.redisinfo`).
+
 It speaks PROTOCOL.md (``--flavor native``: the registry, FastAPI, the trio baseline and the
 ``websockets`` peer) or Socket.IO over a WebSocket (``socketio``: :mod:`benchmarks.sio_frames`).
 Every socket is one closed-loop client (4 sockets per user): it starts a ``scripted`` run,
@@ -44,7 +49,7 @@ from urllib.parse import urlsplit
 import attrs
 from hdrh.histogram import HdrHistogram
 
-from benchmarks import genkit, sio_frames, ws_frames
+from benchmarks import genkit, redisinfo, sio_frames, ws_frames
 from benchmarks.gcwatch import GcPauses
 from loadtests import wire
 from loadtests.checker import ClientChecker, Violation
@@ -67,6 +72,8 @@ class Plan:
     host: str
     port: int
     path: str
+    #: Every node's (host, port); sockets go round robin over them. The first is host:port.
+    nodes: tuple[tuple[str, int], ...]
     secret: str
     flavor: str
     sockets: int
@@ -77,7 +84,10 @@ class Plan:
     interval: float
     runs_per_socket: int
     run_timeout_s: float
-    server_pid: int | None
+    #: The servers' pids (one per node): their CPU and RSS are summed.
+    server_pids: tuple[int, ...]
+    #: (host, port) of the Redis the nodes share, read at the window's edges; None: no Redis.
+    redis: tuple[str, int] | None = None
     #: Ack each run at its end (lets the server trim its retained events), as clients do.
     ack: bool = True
 
@@ -85,6 +95,10 @@ class Plan:
     def script(self) -> tuple[str, ...]:
         """The exact event types a run must deliver."""
         return wire.scripted_types(self.context)
+
+    def node_for(self, index: int) -> tuple[str, int]:
+        """Return the (host, port) socket number ``index`` connects to: round robin."""
+        return self.nodes[index % len(self.nodes)]
 
     def resource_for(self, user: str) -> str:
         """Return the request target of ``user``'s socket (path with its token); Socket.IO
@@ -180,9 +194,14 @@ class Client(asyncio.Protocol):
     an event after ``agent_completed`` is reported as such, not as foreign.
     """
 
-    def __init__(self, session: Session, user: str, idle: bool = False) -> None:
+    def __init__(
+        self, session: Session, user: str, idle: bool = False,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         self.session = session
         self.user = user
+        #: The node this socket connects to.
+        self.address = address or (session.plan.host, session.plan.port)
         #: An idle socket only answers pings; it never starts a run.
         self.idle = idle
         self.key = ws_frames.new_key()
@@ -203,7 +222,7 @@ class Client(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         plan = self.session.plan
-        netloc = f"{plan.host}:{plan.port}"
+        netloc = f"{self.address[0]}:{self.address[1]}"
         transport.write(ws_frames.handshake_request(netloc, plan.resource_for(self.user), self.key))
 
     def data_received(self, data: bytes) -> None:
@@ -414,11 +433,12 @@ async def open_clients(session: Session, count: int, idle: bool = False) -> list
     prefix = uuid.uuid4().hex[:8]
 
     async def open_one(index: int) -> Client | None:
-        client = Client(session, genkit.user_name(prefix, index), idle)
+        address = plan.node_for(index)
+        client = Client(session, genkit.user_name(prefix, index), idle, address)
         async with limiter:
             try:
                 await asyncio.wait_for(
-                    session.loop.create_connection(lambda: client, plan.host, plan.port), 30
+                    session.loop.create_connection(lambda: client, *address), 30
                 )
                 await asyncio.wait_for(client.opened, 30)
             except (OSError, TimeoutError, ConnectFailed) as exc:
@@ -501,6 +521,30 @@ class MetricsReader:
         return None
 
 
+async def read_redis(address: tuple[str, int] | None) -> redisinfo.Snapshot | None:
+    """Return the counters of the Redis at ``address`` (None without one or when it does not
+    answer within 5 s)."""
+    if address is None:
+        return None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 5)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(redisinfo.INFO_REQUEST)
+        data = b""
+        while (text := redisinfo.parse_bulk(data)) is None:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                return None
+            data += chunk
+        return redisinfo.snapshot(text)
+    except (OSError, TimeoutError, ValueError, KeyError):
+        return None
+    finally:
+        writer.close()
+
+
 @attrs.frozen
 class Mark:
     """One reading at a window or interval boundary."""
@@ -512,19 +556,21 @@ class Mark:
     server_ticks: int | None
     server_rss: int | None
     metrics: dict[str, float] | None
+    redis: redisinfo.Snapshot | None = None
 
 
 async def take_mark(session: Session, metrics: MetricsReader) -> Mark:
-    """Read the counters, /proc and /metrics now."""
-    pid = session.plan.server_pid
+    """Read the counters, /proc, /metrics and Redis now."""
+    pids = session.plan.server_pids
     try:
-        ticks = genkit.cpu_ticks(pid) if pid else None
-        rss = genkit.rss_bytes(pid) if pid else None
+        ticks = sum(genkit.cpu_ticks(pid) for pid in pids) if pids else None
+        rss = sum(genkit.rss_bytes(pid) for pid in pids) if pids else None
     except OSError:
         ticks = rss = None
     now, events, own = time.time(), session.meter.in_window, genkit.cpu_ticks()
     busy = genkit.machine_busy_ticks()
-    return Mark(now, events, own, busy, ticks, rss, await metrics.read())
+    redis = await read_redis(session.plan.redis)
+    return Mark(now, events, own, busy, ticks, rss, await metrics.read(), redis)
 
 
 def between(a: Mark, b: Mark, latency: HdrHistogram, since: float) -> dict[str, Any]:
@@ -549,7 +595,11 @@ def between(a: Mark, b: Mark, latency: HdrHistogram, since: float) -> dict[str, 
         out["server_rss_mib"] = round(b.server_rss / 2**20, 1)
         others = (b.machine_ticks - a.machine_ticks) - out["server_cpu_ticks"]
         others -= b.own_ticks - a.own_ticks
+        if a.redis is not None and b.redis is not None:
+            others -= round((b.redis.cpu_s - a.redis.cpu_s) * genkit.CLK_TCK)
         out["other_processes_cpu_percent"] = round(others / genkit.CLK_TCK / seconds * 100, 1)
+    if a.redis is not None and b.redis is not None:
+        out["redis"] = redisinfo.delta(a.redis, b.redis, events, seconds)
     gc_a = genkit.gc_figures(a.metrics) if a.metrics else None
     gc_b = genkit.gc_figures(b.metrics) if b.metrics else None
     out["gc"] = genkit.gc_delta(gc_a, gc_b)
@@ -635,6 +685,7 @@ def results(
     return {
         "mode": "lean",
         "flavor": plan.flavor,
+        "nodes": len(plan.nodes),
         "sockets": opened + idle,
         "sockets_asked": plan.sockets + plan.idle,
         "concurrent_runs": opened,
@@ -659,7 +710,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the generator's command line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.leangen", description=__doc__)
     add = parser.add_argument
-    add("--url", required=True, help="ws://127.0.0.1:PORT/ws")
+    add("--url", required=True,
+        help="ws://127.0.0.1:PORT/ws, or several comma-separated (sockets round robin)")
     add("--flavor", choices=("native", "socketio"), default="native")
     add("--idle", type=int, default=0, help="extra sockets that only stay open")
     add("--sockets", type=int, default=1000, help="sockets, each with one run in flight")
@@ -672,7 +724,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--interval", type=float, default=0.0, help="a record every S s of the window (0: none)")
     add("--runs-per-socket", type=int, default=0, help="stop each socket after N runs (0: window)")
     add("--run-timeout-s", type=float, default=0.0, help="0: 5 s + 3 x the script's duration")
-    add("--server-pid", type=int, default=None, help="read its CPU and RSS from /proc")
+    add("--server-pid", default="",
+        help="read its CPU and RSS from /proc (several comma-separated: summed)")
+    add("--redis", default=None, help="HOST:PORT of the nodes' Redis: read its INFO")
     add("--no-ack", action="store_true", help="never ack: every event stays retained")
     add("--out", type=Path, required=True, help="JSON results file")
     return parser.parse_args(argv)
@@ -680,7 +734,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def plan_of(args: argparse.Namespace) -> Plan:
     """Build the plan from the command line."""
-    url = urlsplit(args.url)
+    urls = [urlsplit(part.strip()) for part in args.url.split(",") if part.strip()]
+    url = urls[0]
+    nodes = tuple((u.hostname or "127.0.0.1", u.port or 80) for u in urls)
     context = wire.scripted_context(args.tools, args.tokens, args.delay_ms)
     if args.token_bytes:
         context["token_bytes"] = args.token_bytes
@@ -689,6 +745,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         host=url.hostname or "127.0.0.1",
         port=url.port or 80,
         path=url.path or "/ws",
+        nodes=nodes,
         secret=os.environ.get("REGISTRY_AUTH_SECRET", ""),
         flavor=args.flavor,
         sockets=args.sockets,
@@ -699,7 +756,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
         interval=args.interval,
         runs_per_socket=args.runs_per_socket,
         run_timeout_s=args.run_timeout_s or 5 + 3 * expected_s,
-        server_pid=args.server_pid,
+        server_pids=tuple(int(pid) for pid in args.server_pid.split(",") if pid.strip()),
+        redis=redisinfo.parse_address(args.redis) if args.redis else None,
         ack=not args.no_ack,
     )
 

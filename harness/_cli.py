@@ -13,8 +13,11 @@ import attrs
 import trio
 
 from harness._auth import mint_token
+from harness._demo import demo_main
 from harness._server import serve
 from harness.agents import demo_agents
+from harness.client import chat_main
+from harness.fastapi_app import run_server
 from registry import Config, ConfigError
 
 __all__ = ["main"]
@@ -74,11 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token(args)
         if args.command == "chat":
-            from harness.client import chat_main
-
             return chat_main(args, _config(args))
-        from harness._demo import demo_main
-
         return int(demo_main())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -115,8 +114,6 @@ def _serve_fastapi(config: Config, host: str, port: int, log_level: str) -> int:
     The signals are ignored until the server takes them, and again once it is done with
     them, so a late one cannot kill the process in the middle of its graceful exit.
     """
-    from harness.fastapi_app import run_server
-
     for signum in _SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     run_server(config, host=host, port=port, agents=demo_agents(), log_level=log_level,

@@ -257,6 +257,11 @@ class ChatServer:
         except TooManyConnections:
             await _send_all(sock, reader.respond(429, REFUSALS[429], TEXT))
             return None
+        return await self._accept(s, reader, request)
+
+    async def _accept(self, s: _Socket, reader: RequestReader, request: Request) -> _Socket | None:
+        """Owes the 101 (and reads frames pipelined behind the request), or answers 400."""
+        sock = s.sock
         try:
             head, trailing = accept_websocket(reader, request)
         except HttpError as exc:

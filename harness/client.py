@@ -50,6 +50,7 @@ from trio_websocket import (
 )
 from wsproto.utilities import LocalProtocolError
 
+from harness._auth import mint_token
 from registry import Config
 from registry._util import unwrapping_groups
 
@@ -449,11 +450,8 @@ class Chat:
         if self._dead is not None:
             raise self._dead
         request_id = request_id or secrets.token_hex(16)
-        frame: dict[str, Any] = {"type": "start_agent", "request_id": request_id,
-                                 "agent": agent, "message": message}
-        frame.update({k: v for k, v in (("thread_id", thread_id), ("context", context)) if v})
         send, receive = trio.open_memory_channel[Any](math.inf)
-        run = _Run(request_id, json.dumps(frame), send)
+        run = _Run(request_id, _start_frame(request_id, agent, message, thread_id, context), send)
         self._by_request[request_id] = run
         try:
             await self._send(run.start_frame)
@@ -803,8 +801,6 @@ def chat_main(args: argparse.Namespace, config: Config) -> int:
     if not config.auth_secret:
         print("error: set REGISTRY_AUTH_SECRET (or --auth-secret)", file=sys.stderr)
         return 2
-    from harness._auth import mint_token
-
     secret = config.auth_secret
     context = json.loads(args.context) if args.context else None
     return trio.run(_chat, args.url, lambda: mint_token(secret, args.user), args.agent,
@@ -822,3 +818,12 @@ async def _chat(url: str, new_token: Callable[[], str], agent: str, message: str
     except (ChatError, ChatUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 1
+
+
+def _start_frame(request_id: str, agent: str, message: str, thread_id: str | None,
+                 context: Mapping[str, Any] | None) -> str:
+    """The ``start_agent`` frame's text (optional fields only when given)."""
+    frame: dict[str, Any] = {"type": "start_agent", "request_id": request_id,
+                             "agent": agent, "message": message}
+    frame.update({k: v for k, v in (("thread_id", thread_id), ("context", context)) if v})
+    return json.dumps(frame)

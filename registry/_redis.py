@@ -89,6 +89,14 @@ _UNAVAILABLE: Final = (
     anyio.ClosedResourceError,
 )
 
+#: An open mailbox resubscribes by itself after an outage, however long.
+_RESUBSCRIBE: Final = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (coredis.exceptions.ConnectionError, TimeoutError), retries=None,
+        base_delay=0.05, max_delay=1.0, jitter=True,
+    ),
+)
+
 # admit codes
 _NEW, _DUPLICATE, _RATE_LIMITED, _OVERLOADED = 0, 1, 2, 3
 
@@ -590,14 +598,8 @@ class RedisSharedState:
         self, channel: str, send: MemoryObjectSendStream[bytes], failed: list[BaseException],
         *, task_status: TaskStatus[None],
     ) -> None:
-        reconnect = CompositeRetryPolicy(
-            ExponentialBackoffRetryPolicy(
-                (coredis.exceptions.ConnectionError, TimeoutError), retries=None,
-                base_delay=0.05, max_delay=1.0, jitter=True,
-            ),
-        )
         pubsub = self._mail.pubsub(
-            channels=[channel], ignore_subscribe_messages=True, retry_policy=reconnect
+            channels=[channel], ignore_subscribe_messages=True, retry_policy=_RESUBSCRIBE
         )
         started = False
         try:

@@ -254,17 +254,20 @@ class MemorySharedState:
         for seq, data in entries:
             log.events[seq] = data
             log.top = seq
+        self._index(record, retention_s if record.ended else dedup_ttl_s)
+        if (wakeup := self._wakeups.pop(record.run_id, None)) is not None:
+            wakeup.set()
+        return True
+
+    def _index(self, record: RunRecord, dedup_ttl_s: float) -> None:
+        """A restored run's dedup key (unless taken) and, active, its slots."""
         key = (record.user_id, record.request_id)
         if self._live_dedup(key) is None:
-            ttl = retention_s if record.ended else dedup_ttl_s
-            self._dedup[key] = _Expiring(record.run_id, self.clock() + ttl)
+            self._dedup[key] = _Expiring(record.run_id, self.clock() + dedup_ttl_s)
         if not record.ended:
             self._active.add(record.run_id)
             self._active_per_user.setdefault(record.user_id, set()).add(record.run_id)
             self._node_runs.setdefault(record.node_id, set()).add(record.run_id)
-        if (wakeup := self._wakeups.pop(record.run_id, None)) is not None:
-            wakeup.set()
-        return True
 
     def flush(self) -> None:
         """Forgets everything, as a Redis restarted without persistence does (for tests)."""
