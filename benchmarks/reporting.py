@@ -17,9 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from benchmarks import reporting_lean as lean
+from benchmarks import reporting_nodes as multi
 
 Results = Mapping[str, Mapping[str, Any]]
-SCENARIO_FILES = ("sweep", "fanout", "idle", "drops", "active", "soak", "retained")
+SCENARIO_FILES = (
+    "sweep", "fanout", "idle", "drops", "active", "nodes", "delivery", "soak", "retained"
+)
 KINDS = ("lost", "duplicate", "reordered", "foreign", "unterminated", "unpaired_tool", "malformed")
 GOALS = {
     "fanout_p95_ms": 10.0,
@@ -106,7 +109,12 @@ def load_results(out: Path) -> dict[str, Any]:
 def problems(results: Results, failures: list[str]) -> list[str]:
     """Return why the session failed: scenarios that did not run, a registry violation in
     any scenario, or any violation of any server in the lean scenarios."""
-    return [*registry_problems(results, failures), *lean.lean_problems(results)]
+    return [
+        *registry_problems(results, failures),
+        *lean.lean_problems(results),
+        *multi.nodes_problems(results.get("nodes", {})),
+        *multi.delivery_problems(results.get("delivery", {})),
+    ]
 
 
 def registry_problems(results: Results, failures: list[str]) -> list[str]:
@@ -270,6 +278,8 @@ def plot_all(results: Results, out: Path) -> None:
         lean.plot_active(results["active"], out)
     if "soak" in results:
         lean.plot_soak(results["soak"], out)
+    if "nodes" in results:
+        multi.plot_nodes(results["nodes"], out)
 
 
 def render(
@@ -289,6 +299,8 @@ def render(
         ("overhead", lambda n: _overhead_section(derived["overhead"], n)),
         ("drops", lambda n: _drops_section(derived["guarantees"], rel, n)),
         ("active", lambda n: lean.active_section(results["active"], rel, n)),
+        ("nodes", lambda n: multi.nodes_section(results["nodes"], rel, n)),
+        ("delivery", lambda n: multi.delivery_section(results["delivery"], n)),
         ("soak", lambda n: lean.soak_section(results["soak"], rel, n)),
         ("retained", lambda n: lean.retained_section(results["retained"], n)),
         ("before", lambda n: lean.before_section(results, derived["before"], n)),

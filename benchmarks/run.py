@@ -13,16 +13,21 @@ python-socketio peer), driven by a load generator in another subprocess:
 6. ``active``: 1,000 sockets each with one run in flight (~2,000 events/s), 30 s window, the
    registry, FastAPI, ``websockets`` and the baseline in interleaved rounds -> latency, server
    CPU per event (/proc), garbage-collector pauses (/metrics) (:mod:`benchmarks.lean_scenarios`);
-7. ``soak`` (``--soak`` only): the registry at ~1,500 events/s for 15 minutes, a record every
+7. ``nodes``: a local Redis, then 1, 2 and 3 registry nodes on it (and one node without Redis)
+   at a fixed load and up a ramp -> events/s, latency, CPU per event of the nodes and of
+   Redis, Redis commands and round trips per event (:mod:`benchmarks.node_scenarios`);
+8. ``delivery``: the drops load against ``--delivery-mode registry`` and ``direct`` -> events
+   lost, runs never ended, latency;
+9. ``soak`` (``--soak`` only): the registry at ~1,500 events/s for 15 minutes, a record every
    10 s -> RSS, CPU per event and collector-pause curves and a verdict; ``retained``: RSS per
    retained event.
 
-Scenarios 1, 2, 3 and 5 use the trio generator (:mod:`benchmarks.loadgen`), 6 and 7 the lean
-asyncio one (:mod:`benchmarks.leangen`). ``--only active`` (or any comma-separated list) runs
+Scenarios 1, 2, 3, 5 and 8 use the trio generator (:mod:`benchmarks.loadgen`), 6, 7 and 9 the
+lean asyncio one (:mod:`benchmarks.leangen`). ``--only active`` (or any comma-separated list) runs
 just those; the report is always redrawn from every ``<out>/*.json`` there is. Results:
 ``<out>/*.json``, ``<out>/*.png`` and ``REPORT.md`` (full run: ``benchmarks/results/`` and
 ``benchmarks/REPORT.md``; ``--smoke``: ``benchmarks/results/smoke/`` with its REPORT.md).
-``--smoke`` runs every scenario (soak included) at small scale in two to three minutes. Exit
+``--smoke`` runs every scenario (soak included) at small scale in three to four minutes. Exit
 status 1 when a scenario could not run, the registry broke a delivery guarantee, or any server
 of ``active`` did; the latency goals are reported, not enforced (the machine is shared).
 
@@ -49,7 +54,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import lean_scenarios, reporting
+from benchmarks import lean_scenarios, node_scenarios, reporting
 from benchmarks.session import (
     FULL,
     HERE,
@@ -60,23 +65,19 @@ from benchmarks.session import (
     Load,
     attempt,
     code_version,
+    max_sustained,
     say,
+    sustained,
+    sweep_load,
 )
 from loadtests.serverproc import ServerProcess, rss_of
 
-P99_LIMIT_MS = 50.0
-SATURATED = 0.8
-"""A step whose achieved/offered ratio is below this fraction of the server's ratio at the
-lowest rate is saturated."""
-
-SWEEP_DELAY_MS = 10
-"""The sweep's runs emit an event every 10 ms: R events/s offered = R / 100 sockets."""
 CLASSIC_SERVERS = ("registry", "baseline", "websockets", "socketio")
 """The servers of the sweep, fan-out and drops scenarios."""
 IDLE_SERVERS = ("registry", "baseline")
 REPEATED = ("registry", "baseline")
 """Servers whose sweep steps are repeated (their ratio is a headline figure)."""
-DEFAULT = ("sweep", "fanout", "drops", "idle", "active")
+DEFAULT = ("sweep", "fanout", "drops", "idle", "active", "nodes", "delivery")
 SOAK = ("soak", "retained")
 SCENARIOS = (*DEFAULT, *SOAK)
 
@@ -157,9 +158,7 @@ def median_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 def sweep_step(bench: Bench, name: str, *, server: ServerProcess, rate: int) -> dict[str, Any]:
     """Measure one server at one offered rate."""
-    scale = bench.scale
-    runs = max(1, round(rate * SWEEP_DELAY_MS / 1000))
-    load = Load(runs, SWEEP_DELAY_MS, 2, 40, warmup_s=scale.warmup_s, window_s=scale.step_s)
+    load = sweep_load(rate, bench.scale.warmup_s, bench.scale.step_s)
     step = bench.leangen(server, load, SERVERS[name][1])
     say(
         f"  {name:10} {rate:6} ev/s offered: achieved {step['achieved_rate']:8.1f}  "
@@ -167,27 +166,6 @@ def sweep_step(bench: Bench, name: str, *, server: ServerProcess, rate: int) -> 
         f"{step['server_cpu_percent']}%  loadgen cpu {step['loadgen_cpu_percent']}%"
     )
     return step
-
-
-def sustained(step: dict[str, Any], steps: list[dict[str, Any]]) -> bool:
-    """Return True when a sweep step kept p99 <= 50 ms and was not saturated.
-
-    Saturated: its achieved/offered ratio fell below 80 % of the server's ratio at the first
-    (lowest) rate; normalising so removes each server's fixed pacing overhead (closed loop:
-    sleep overshoot, the gap between two runs) from the verdict.
-    """
-
-    def ratio(s: dict[str, Any]) -> float:
-        return float(s["achieved_rate"]) / max(float(s["offered_rate"]), 1e-9)
-
-    first = steps[0] if steps else step
-    fast = float(step["latency_ms"]["p99"]) <= P99_LIMIT_MS
-    return fast and ratio(step) >= SATURATED * ratio(first)
-
-
-def max_sustained(steps: list[dict[str, Any]]) -> float:
-    """Return the highest achieved rate among the sustained steps (0 when none)."""
-    return max((float(s["achieved_rate"]) for s in steps if sustained(s, steps)), default=0.0)
 
 
 def fanout(bench: Bench, name: str) -> dict[str, Any]:
@@ -207,23 +185,8 @@ def fanout(bench: Bench, name: str) -> dict[str, Any]:
 
 def drops(bench: Bench, name: str) -> dict[str, Any]:
     """Scenario 5: every run drops its socket mid-run and resumes; what was kept."""
-    scale = bench.scale
     with bench.server(name, "drops") as server:
-        result = bench.loadgen(
-            server,
-            SERVERS[name][1],
-            "drops",
-            "--rate",
-            str(scale.drops_rate),
-            "--delay-ms",
-            "10",
-            "--tokens",
-            "40",
-            "--duration",
-            str(scale.drops_s),
-            "--warmup",
-            "0.5",
-        )
+        result = bench.drops(server, SERVERS[name][1])
     say(
         f"  {name:10} drops: {result['tally']['counts']['drops']} drops, "
         f"violations {result['tally']['violations'] or 'none'}"
@@ -321,6 +284,8 @@ def run_scenarios(
         "drops": lambda: each("drops", drops, bench.servers_of(CLASSIC_SERVERS)),
         "idle": lambda: each("idle", idle, bench.servers_of(IDLE_SERVERS)),
         "active": lambda: lean_scenarios.active(bench),
+        "nodes": lambda: node_scenarios.nodes(bench),
+        "delivery": lambda: node_scenarios.delivery(bench),
         "soak": lambda: single(
             "soak", functools.partial(lean_scenarios.soak, minutes=soak_minutes)
         ),

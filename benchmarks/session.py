@@ -1,8 +1,10 @@
 """One benchmark session: its scale, output folders, environment, servers and load generators.
 
-Shared by the scenarios of :mod:`benchmarks.run` (sweep, fan-out, idle, drops; trio generator)
-and of :mod:`benchmarks.lean_scenarios` (active, soak, retained memory; lean generator). Servers
-and generators always run as subprocesses: this process imports neither trio nor asyncio.
+Shared by the scenarios of :mod:`benchmarks.run` (sweep, fan-out, idle, drops; trio generator),
+of :mod:`benchmarks.lean_scenarios` (active, soak, retained memory; lean generator) and of
+:mod:`benchmarks.node_scenarios` (nodes on one Redis, delivery modes). Also the sweep's rule
+(:func:`sustained`), which the node ramp applies too. Servers and generators always run as
+subprocesses: this process imports neither trio nor asyncio.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +81,56 @@ class Load:
         return args if self.ack else [*args, "--no-ack"]
 
 
+P99_LIMIT_MS = 50.0
+SATURATED = 0.8
+"""A step whose achieved/offered ratio is below this fraction of the server's ratio at the
+lowest rate is saturated."""
+SWEEP_DELAY_MS = 10
+"""The sweep's runs emit an event every 10 ms: R events/s offered = R / 100 sockets."""
+
+
+def sweep_load(rate: int, warmup_s: float, window_s: float) -> Load:
+    """Return the sweep's load at ``rate`` events/s offered: R x 10 / 1000 sockets, each with
+    a run of 2 tools and 40 tokens, an event every 10 ms."""
+    runs = max(1, round(rate * SWEEP_DELAY_MS / 1000))
+    return Load(runs, SWEEP_DELAY_MS, 2, 40, warmup_s=warmup_s, window_s=window_s)
+
+
+def sustained(step: dict[str, Any], steps: list[dict[str, Any]]) -> bool:
+    """Return True when a sweep step kept p99 <= 50 ms and was not saturated.
+
+    Saturated: its achieved/offered ratio fell below 80 % of the server's ratio at the first
+    (lowest) rate; normalising so removes each server's fixed pacing overhead (closed loop:
+    sleep overshoot, the gap between two runs) from the verdict.
+    """
+
+    def ratio(s: dict[str, Any]) -> float:
+        return float(s["achieved_rate"]) / max(float(s["offered_rate"]), 1e-9)
+
+    first = steps[0] if steps else step
+    fast = float(step["latency_ms"]["p99"]) <= P99_LIMIT_MS
+    return fast and ratio(step) >= SATURATED * ratio(first)
+
+
+def max_sustained(steps: list[dict[str, Any]]) -> float:
+    """Return the highest achieved rate among the sustained steps (0 when none)."""
+    return max((float(s["achieved_rate"]) for s in steps if sustained(s, steps)), default=0.0)
+
+
+@attrs.frozen
+class NodesScale:
+    """How big the node-scaling scenario is: per service, a fixed load then a ramp."""
+
+    counts: tuple[int, ...]
+    """Node counts on one Redis (the in-memory single node is always measured too)."""
+    load: Load
+    """The fixed offered load (the ``active`` shape), its window two run lengths long."""
+    rates: tuple[int, ...]
+    """The ramp's offered rates (the sweep's load), up to the first not sustained."""
+    step_s: float
+    warmup_s: float
+
+
 @attrs.frozen
 class Scale:
     """How big each scenario is."""
@@ -96,6 +148,7 @@ class Scale:
     retained: Load
     repeats: int = 1
     active_rounds: int = 1
+    nodes: NodesScale = attrs.field(kw_only=True)
 
 
 FULL = Scale(
@@ -112,6 +165,13 @@ FULL = Scale(
     retained=Load(100, 0, 2, 50, warmup_s=0.0, window_s=300.0, runs_per_socket=20, ack=False),
     repeats=3,
     active_rounds=2,
+    nodes=NodesScale(
+        counts=(1, 2, 3),
+        load=Load(1000, 500, 2, 20, warmup_s=5.0, window_s=27.0),  # 2 runs of 13.5 s
+        rates=(1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000),
+        step_s=5.0,
+        warmup_s=1.0,
+    ),
 )
 SMOKE = Scale(
     rates=(500, 2000),
@@ -125,6 +185,13 @@ SMOKE = Scale(
     active=Load(100, 200, 2, 4, warmup_s=1.0, window_s=5.0),
     soak=Load(100, 200, 2, 4, warmup_s=1.0, window_s=15.0, interval_s=3.0, ack=False),
     retained=Load(40, 0, 2, 20, warmup_s=0.0, window_s=60.0, runs_per_socket=10, ack=False),
+    nodes=NodesScale(
+        counts=(1, 2, 3),
+        load=Load(60, 200, 2, 4, warmup_s=1.0, window_s=4.4),  # 2 runs of 2.2 s
+        rates=(1000, 3000),
+        step_s=1.0,
+        warmup_s=0.5,
+    ),
 )
 
 
@@ -154,6 +221,19 @@ class Bench:
         cmd = [sys.executable, *SERVERS[name][0], "--port", "0", *extra]
         return running_server(cmd, self.env, self.logs / f"{name}-{tag}.log")
 
+    def drops(self, server: ServerProcess, flavor: str) -> dict[str, Any]:
+        """Run the trio generator's ``drops`` mode (every run drops its socket mid-run and
+        resumes) at the scale's rate for its window; returns its JSON.
+
+        Raises:
+            ScenarioError: when the generator fails; subprocess.TimeoutExpired after 300 s.
+        """
+        scale = self.scale
+        return self.loadgen(
+            server, flavor, "drops", "--rate", str(scale.drops_rate), "--delay-ms", "10",
+            "--tokens", "40", "--duration", str(scale.drops_s), "--warmup", "0.5",
+        )
+
     def loadgen(self, server: ServerProcess, flavor: str, mode: str, *extra: str) -> dict[str, Any]:
         """Run the trio generator against ``server``; returns its JSON plus server CPU/RSS.
 
@@ -168,15 +248,30 @@ class Bench:
         data["server_peak_rss_mib"] = round(sampler.peak_rss / 2**20, 1)
         return data
 
-    def leangen(self, server: ServerProcess, load: Load, flavor: str = "native") -> dict[str, Any]:
+    def leangen(
+        self,
+        server: ServerProcess | Sequence[ServerProcess],
+        load: Load,
+        flavor: str = "native",
+        *,
+        redis: str | None = None,
+    ) -> dict[str, Any]:
         """Run the lean generator against ``server`` (it reads the server's /proc and /metrics);
         ``server_cpu_percent`` in the result is the server's CPU over the window.
+
+        Several servers (the nodes of one service): the sockets go round robin over them and
+        their CPU is summed; ``redis`` (``HOST:PORT``) is the Redis they share, whose counters
+        the generator reads at the window's edges.
 
         Raises:
             ScenarioError: when the generator fails or runs past its bound.
         """
-        cmd = [sys.executable, "-m", "benchmarks.leangen", "--url", server.url, "--flavor", flavor]
-        cmd += ["--server-pid", str(server.proc.pid), *load.args()]
+        servers = [server] if isinstance(server, ServerProcess) else list(server)
+        urls = ",".join(s.url for s in servers)
+        cmd = [sys.executable, "-m", "benchmarks.leangen", "--url", urls, "--flavor", flavor]
+        cmd += ["--server-pid", ",".join(str(s.proc.pid) for s in servers), *load.args()]
+        if redis is not None:
+            cmd += ["--redis", redis]
         run_s = load.events_per_run * load.delay_ms / 1000
         data = self._generate(cmd, 120 + load.warmup_s + load.window_s + 3 * run_s)
         window = data.get("window") or {}
