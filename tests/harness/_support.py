@@ -14,9 +14,11 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import attrs
+import coredis
 import trio
 import trio_websocket
 import wsproto
@@ -33,6 +36,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 
 from harness import demo_agents, mint_token, serve
 from registry import Config
+from tests._redis import RedisServer, free_port
 
 SECRET: Final = "e2e-test-secret-" + "0123456789abcdef" * 4
 HOST: Final = "127.0.0.1"
@@ -82,8 +86,17 @@ def is_event(frame: Mapping[str, Any]) -> bool:
 
 
 # ================================================================== servers
-#: The two servers of PROTOCOL.md: ``serve`` (``--server trio``) and ``serve --server fastapi``.
-SERVER_KINDS: Final = ("trio", "fastapi")
+#: The servers every protocol test runs against: ``serve`` (``--server trio``), ``serve
+#: --server fastapi``, and ``cluster``: three trio nodes on one Redis, each new socket on the
+#: next node (so a socket that resumes a run is on another node than the one that started
+#: it). ``E2E_SERVER_KINDS`` (comma-separated) picks a subset.
+ALL_SERVER_KINDS: Final = ("trio", "fastapi", "cluster")
+SERVER_KINDS: Final = tuple(
+    os.environ.get("E2E_SERVER_KINDS", ",".join(ALL_SERVER_KINDS)).split(","))
+#: The kinds that are one server process of their own (``python -m harness serve``).
+PROCESS_KINDS: Final = tuple(kind for kind in SERVER_KINDS if kind != "cluster")
+#: Nodes of a ``cluster`` server.
+CLUSTER_NODES: Final = 3
 #: The settings every test server gets unless the test says otherwise.
 DEFAULTS: Final[Mapping[str, Any]] = {"shutdown_grace_s": 2.0}
 
@@ -98,9 +111,14 @@ class Server:
     stop: trio.Event | None = None
     #: The server's process, when it runs in one.
     process: trio.Process | subprocess.Popen[bytes] | None = None
+    #: Every node's port, for a service of several nodes (``port`` is the first).
+    ports: tuple[int, ...] = ()
+    _turn: itertools.count[int] = attrs.field(factory=itertools.count)
 
     def url(self, path: str = "/ws") -> str:
-        return f"ws://{HOST}:{self.port}{path}"
+        """The URL of ``path``; on a service of several nodes, each call the next node."""
+        port = self.ports[next(self._turn) % len(self.ports)] if self.ports else self.port
+        return f"ws://{HOST}:{port}{path}"
 
     def shut_down(self) -> None:
         """Starts the graceful shutdown: the stop event in-process, SIGTERM to a process."""
@@ -128,6 +146,9 @@ async def open_server(kind: str = "trio", /, **settings: Any) -> AsyncIterator[S
     elif kind == "fastapi":
         async with _fastapi_process(config, settings) as server:
             yield server
+    elif kind == "cluster":
+        async with _in_process(config, nodes=CLUSTER_NODES) as server:
+            yield server
     else:
         raise ValueError(f"unknown server kind {kind!r}")
 
@@ -148,15 +169,45 @@ async def default_server(kind: str) -> AsyncIterator[Server]:
 
 
 @asynccontextmanager
-async def _in_process(config: Config) -> AsyncIterator[Server]:
+async def _in_process(config: Config, nodes: int = 1) -> AsyncIterator[Server]:
+    """``nodes`` trio servers in this trio run; several share the session's Redis (emptied
+    first, so each test starts from a fresh service)."""
+    if nodes > 1:
+        config = attrs.evolve(config, redis_url=await SHARED_REDIS.fresh())
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(functools.partial(
+        ports = [await nursery.start(functools.partial(
             serve, config, host=HOST, port=0, agents=demo_agents(), stop=stop))
+            for _ in range(nodes)]
         try:
-            yield Server(port, config, stop)
+            yield Server(ports[0], config, stop, ports=tuple(ports) if nodes > 1 else ())
         finally:
             stop.set()
+
+
+class _SharedRedis:
+    """The session's ``redis-server`` for ``cluster`` servers, started on first use."""
+
+    def __init__(self) -> None:
+        self.server: RedisServer | None = None
+
+    async def fresh(self) -> str:
+        """Its URL, with every key deleted."""
+        if self.server is None:
+            self.server = RedisServer(Path(tempfile.mkdtemp(prefix="e2e-redis-")), free_port())
+            self.server.start()
+        async with coredis.Redis.from_url(self.server.url) as client:
+            await client.flushall()
+        return self.server.url
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            shutil.rmtree(self.server.directory, ignore_errors=True)
+            self.server = None
+
+
+SHARED_REDIS: Final = _SharedRedis()
 
 
 def setting_flags(settings: Mapping[str, Any]) -> list[str]:

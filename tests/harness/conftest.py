@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.harness._support import SERVER_KINDS, SHARED, Server, default_server
+from tests.harness._support import SERVER_KINDS, SHARED, SHARED_REDIS, Server, default_server
 
 
 @pytest.fixture(params=SERVER_KINDS)
 def server_kind(request: pytest.FixtureRequest) -> str:
-    """``trio`` or ``fastapi``: a test taking it runs once against each server."""
+    """``trio``, ``fastapi`` or ``cluster``: a test taking it runs against each server."""
     kind: str = request.param
     return kind
 
@@ -31,3 +31,4 @@ async def server(server_kind: str) -> AsyncIterator[Server]:
 def _stop_the_shared_server() -> Iterator[None]:
     yield
     SHARED.close()
+    SHARED_REDIS.close()

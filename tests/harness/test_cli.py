@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.harness._support import (
+    PROCESS_KINDS,
     SECRET,
     assert_shut_down,
     check_run,
@@ -22,6 +23,14 @@ from tests.harness._support import (
     server_process,
     start_in_flight,
 )
+
+
+@pytest.fixture(params=PROCESS_KINDS)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """The command line starts one server process: ``trio`` or ``fastapi``, not ``cluster``."""
+    kind: str = request.param
+    return kind
+
 
 #: What the process may take beyond ``shutdown_grace_s`` to exit (interpreter teardown).
 EXIT_SLACK_S = 1.5

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import re
 
-from tests.harness._support import SECRET, run_cli, server_env, server_process
+import pytest
+
+from tests.harness._support import PROCESS_KINDS, SECRET, run_cli, server_env, server_process
+
+
+@pytest.fixture(params=PROCESS_KINDS)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """The command line starts one server process: ``trio`` or ``fastapi``, not ``cluster``."""
+    kind: str = request.param
+    return kind
+
 
 EVENT_LINE = re.compile(r"\[\s*(\d+)\] (\w+)\s")
 

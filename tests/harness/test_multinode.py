@@ -39,6 +39,7 @@ from tests import _redis
 from tests._redis import RedisServer
 from tests.harness._support import (
     DEFAULTS,
+    PROCESS_KINDS,
     TIMEOUT,
     Client,
     Frame,
@@ -60,6 +61,14 @@ from tests.harness._support import (
     types,
     unique,
 )
+
+
+@pytest.fixture(params=PROCESS_KINDS)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """The command line starts one server process: ``trio`` or ``fastapi``, not ``cluster``."""
+    kind: str = request.param
+    return kind
+
 
 # the redis-server fixture (tests/_redis.py): one of the test's own, which it may stop
 own_redis_server = _redis.own_redis_server
