@@ -8,7 +8,7 @@ the work Redis did, while the *requests* a node waits for are fewer: one ``EVALS
 whole script, one ``MULTI`` ... ``EXEC`` batch is written at once. ``total_reads_processed``
 (the reads Redis made from client sockets) is the closest figure to round trips: a pipelined
 batch usually arrives in one read. The ``INFO`` commands the benchmark sends itself are left
-out of every figure.
+out of every figure (with the reads they cost: :data:`OWN_READS` each).
 
 Pure parsing and arithmetic, plus :func:`read_info` (a blocking socket, for the orchestrator);
 the asyncio generator sends :data:`INFO_REQUEST` on its own connection.
@@ -26,6 +26,9 @@ INFO_REQUEST: Final = b"INFO stats cpu commandstats\r\n"
 """The inline command the readings send (Redis >= 7 takes several sections)."""
 OWN_COMMANDS: Final = frozenset({"info"})
 """Commands the benchmark itself sends, left out of the figures."""
+OWN_READS: Final = 2
+"""Socket reads Redis makes for one of the benchmark's readings: its request, and the end of
+its connection (each reading opens a connection of its own)."""
 SCRIPT_CALLS: Final = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall")
 TRANSACTIONS: Final = ("exec",)
 TOP_COMMANDS: Final = 8
@@ -137,7 +140,7 @@ def delta(before: Snapshot, after: Snapshot, events: int, seconds: float) -> dic
     commands = sum(calls.values())
     scripts = sum(calls.get(name, 0) for name in SCRIPT_CALLS)
     transactions = sum(calls.get(name, 0) for name in TRANSACTIONS)
-    reads = max(after.reads - before.reads - own, 0)
+    reads = max(after.reads - before.reads - OWN_READS * own, 0)
     cpu_s = max(after.cpu_s - before.cpu_s, 0.0)
     ranked = sorted(calls.items(), key=lambda item: (-item[1], item[0]))
     by_command = {name: _per(count, events) for name, count in ranked[:TOP_COMMANDS]}
