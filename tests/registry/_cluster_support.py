@@ -50,8 +50,16 @@ async def ticker(ctx: AgentContext) -> Any:
     return "done"
 
 
+async def flood(ctx: AgentContext) -> Any:
+    """``count`` (option, default 400) partial results of 8 KiB, a millisecond apart."""
+    for _ in range(int(ctx.options.get("count", 400))):
+        await ctx.partial("x" * 8192)
+        await ctx.sleep(0.001)
+    return "flooded"
+
+
 AGENTS: Final = {"echo": echo, "chatty": chatty, "hang": hang, "in_tool": in_tool,
-                 "ticker": ticker}
+                 "ticker": ticker, "flood": flood}
 
 
 # ====================================================================== the link

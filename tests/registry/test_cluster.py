@@ -556,6 +556,29 @@ async def test_an_outage_refuses_starts_degrades_health_and_loses_no_event(
         assert all(cluster[node].health().ok for node in "ABC")
 
 
+async def test_a_run_that_outgrows_the_outage_buffer_ends_failed_and_nothing_is_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Events wait for the store in a bounded buffer (a quarter of ``max_retained_mib``, at
+    least 1 MiB): a run that keeps emitting past it ends ``failed``, saying why; its
+    socket sees every event, and once the store is back so does every other node."""
+    async with open_cluster(max_retained_mib=4) as cluster:
+        on_a = await Socket(cluster["A"]).connect()
+        run_id = await on_a.start("flood", context={"count": 400})  # 3.2 MiB
+        await on_a.until_seq(run_id, 2)
+        cluster.shared.unavailable = True
+        events = await on_a.until_completed(run_id)
+        end = events[-1]["payload"]
+        assert end["status"] == "failed"
+        assert "shared state is unreachable" in end["error"], end
+        assert 2 < len(events) < 3 + 400
+        cluster.shared.unavailable = False
+        on_b = await Socket(cluster["B"]).connect()
+        await on_b.resume(run_id, 0)
+        assert await on_b.until_completed(run_id) == events
+        assert check_run(events)["status"] == "failed"
+
+
 async def test_a_start_whose_admission_answer_was_lost_leaves_nothing_behind(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
