@@ -21,6 +21,7 @@ from registry._lifecycle import Trigger
 from registry._payloads import Payload, payload_to_dict, validate_payload
 from registry._stream import StreamError
 from registry._timers import Pacer
+from registry._util import Checkpoint
 from registry._vocabulary import EventType, EventTypeName
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ class EmitAPI(abc.ABC):
     _retention: Retention
     _refused: int
     pacer: Pacer
+    #: The backend's checkpoints (see ``registry._util.checkpoints``), set by the driver.
+    _checkpoint_if_cancelled: Checkpoint
+    _schedule_point: Checkpoint
 
     @abc.abstractmethod
     def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
@@ -113,11 +117,11 @@ class EmitAPI(abc.ABC):
         return await self._deliver(context, events)
 
     async def _pace(self, run: Run) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._checkpoint_if_cancelled()
         run._emits_since_yield += 1
         if run._emits_since_yield >= _EMITS_PER_YIELD:
             run._emits_since_yield = 0
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+            await self._schedule_point()
 
     def _refuse(self, run: Run, exc: Exception) -> bool:
         self._refused += 1

@@ -37,6 +37,7 @@ from registry._stream import RunStream
 from registry._subscriptions import SubscriptionsAPI
 from registry._table import RunTable
 from registry._timers import DeadlineQueue, Pacer
+from registry._util import checkpoints
 
 __all__ = ["AgentExecutionRegistry"]
 
@@ -80,6 +81,7 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
         self._retention = Retention(config, self._table, self.manager)
         self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
         self.pacer = Pacer()
+        self._checkpoint_if_cancelled, self._schedule_point = checkpoints()
         self._idle = anyio.Event()
         self._idle.set()
         self._refused = 0

@@ -11,6 +11,7 @@ import attrs
 
 from registry._lifecycle import RunLifecycle, RunState
 from registry._stream import RunStream
+from registry._util import Lock, new_lock
 from registry._vocabulary import RunStatus
 
 __all__ = ["AgentExecutionContext", "Run"]
@@ -60,7 +61,7 @@ class Run:
     _done: anyio.Event = attrs.field(factory=anyio.Event, alias="done")
     #: The run's cancel scope and delivery lock while it is active (None once ended).
     _scope: anyio.CancelScope | None = attrs.field(default=None, alias="scope")
-    _lock: anyio.Lock | None = attrs.field(factory=anyio.Lock, alias="lock")
+    _lock: Lock | None = attrs.field(factory=new_lock, alias="lock")
     #: True when the run's scope is a caller's block (``open_execution_context``).
     _in_block: bool = attrs.field(default=False, alias="in_block")
     #: True for a mirror of a run another node runs (its scope is the mirror's tail).

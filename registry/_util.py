@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-__all__ = ["unwrapping_groups"]
+import anyio
+import anyio.lowlevel
+import sniffio
+import trio
+
+__all__ = ["Lock", "checkpoints", "new_lock", "unwrapping_groups"]
+
+Checkpoint = Callable[[], Awaitable[None]]
+Lock = anyio.Lock | trio.Lock
+
+
+def _on_trio() -> bool:
+    try:
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
+def checkpoints() -> tuple[Checkpoint, Checkpoint]:
+    """``checkpoint_if_cancelled`` and ``cancel_shielded_checkpoint`` of the running backend.
+
+    Under trio, trio's own: anyio's dispatch to the backend costs more than the check (the
+    registry makes one per event). Elsewhere, anyio's.
+    """
+    if _on_trio():
+        return trio.lowlevel.checkpoint_if_cancelled, trio.lowlevel.cancel_shielded_checkpoint
+    return anyio.lowlevel.checkpoint_if_cancelled, anyio.lowlevel.cancel_shielded_checkpoint
+
+
+def new_lock() -> Lock:
+    """A lock of the running backend (trio's own under trio, for the same reason)."""
+    return trio.Lock() if _on_trio() else anyio.Lock()
 
 
 @asynccontextmanager
