@@ -196,8 +196,10 @@ def digest(result: dict[str, Any]) -> str:
     """Return a one-line digest of a trial: rate, latency, CPU, Redis per event."""
     window, lat = result.get("window") or {}, result["latency_ms"]
     redis = window.get("redis") or {}
+    ends = result.get("agent_completed_latency_ms") or {}
     text = (
-        f"{result['achieved_rate']} ev/s p50 {lat['p50']} p99 {lat['p99']} ms, nodes "
+        f"{result['achieved_rate']} ev/s p50 {lat['p50']} p99 {lat['p99']} (agent_completed "
+        f"{ends.get('p99')}) ms, nodes "
         f"{window.get('cpu_us_per_event')} us/event ({window.get('server_cpu_percent')} %)"
     )
     if redis:

@@ -29,6 +29,7 @@ def lean_trial(
         "offered_rate": offered, "achieved_rate": rate, "sockets": 100, "sockets_asked": 100,
         "events_received": int(rate * 10),
         "latency_ms": {"p50": p99 / 4, "p95": p99 / 2, "p99": p99, "max": p99 * 2},
+        "agent_completed_latency_ms": {"p50": p99, "p99": p99 * 1.5},
         "tally": {"counts": {}, "violations": violations or {}}, "errors": errors or {},
         "window": window, "loadgen_cpu_percent": 20.0,
     }
@@ -115,6 +116,7 @@ def test_each_service_adds_redis_cpu_and_compares_with_the_node_in_memory() -> N
     assert two["commands_per_event"] == 2.7
     assert two["trial_commands_per_event"] == 3.0
     assert memory["commands_per_event"] is None
+    assert two["end_p99"] == 18.0
 
 
 def test_the_max_sustained_rate_points_at_its_step() -> None:
