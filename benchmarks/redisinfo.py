@@ -6,9 +6,10 @@ in a ``MULTI`` (counted when ``EXEC`` runs them) and those a Lua script calls
 (``redis.call``). ``total_commands_processed`` counts the same. So *commands per event* is all
 the work Redis did, while the *requests* a node waits for are fewer: one ``EVALSHA`` runs a
 whole script, one ``MULTI`` ... ``EXEC`` batch is written at once. ``total_reads_processed``
-(the reads Redis made from client sockets) is the closest figure to round trips: a pipelined
-batch usually arrives in one read. The ``INFO`` commands the benchmark sends itself are left
-out of every figure (with the reads they cost: :data:`OWN_READS` each).
+(the reads Redis made from client sockets) is the closest figure to round trips, and a lower
+bound of them: a pipelined batch, or concurrent requests a client multiplexes on one
+connection (coredis does), usually arrive in one read. The ``INFO`` commands the benchmark
+sends itself are left out of every figure (with the reads they cost: :data:`OWN_READS` each).
 
 Pure parsing and arithmetic, plus :func:`read_info` (a blocking socket, for the orchestrator);
 the asyncio generator sends :data:`INFO_REQUEST` on its own connection.
@@ -47,7 +48,7 @@ class Snapshot:
     """Calls by command name (``cmdstat_xadd`` -> ``xadd``; subcommands as ``client|list``)."""
     total_commands: int
     reads: int
-    """``total_reads_processed``: reads from client sockets (about one per round trip)."""
+    """``total_reads_processed``: reads from client sockets (at most one per round trip)."""
     cpu_s: float
     """``used_cpu_sys + used_cpu_user``: every thread of the server."""
     net_input_bytes: int = 0

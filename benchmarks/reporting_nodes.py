@@ -175,7 +175,7 @@ def delivery_problems(delivery: Results) -> list[str]:
 
 
 def _bars(ax: Any, labels: Sequence[str], series: Sequence[tuple[str, Sequence[Any]]],
-          title: str, unit: str, stacked: bool = False) -> None:
+          title: str, unit: str, stacked: bool = False, log: bool = False) -> None:
     """Draw grouped (or stacked) bars of ``series`` over ``labels`` on ``ax``."""
     width = 0.8 if stacked else 0.8 / max(len(series), 1)
     bottom = [0.0] * len(labels)
@@ -191,6 +191,8 @@ def _bars(ax: Any, labels: Sequence[str], series: Sequence[tuple[str, Sequence[A
     ax.set_title(title, fontsize="medium")
     ax.set_ylabel(unit)
     ax.grid(True, axis="y", alpha=0.3)
+    if log:
+        ax.set_yscale("log")
     if len(series) > 1:
         ax.legend(fontsize="x-small")
 
@@ -206,12 +208,13 @@ def plot_nodes(nodes: Results, out: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     _bars(axes[0][0], labels, [("max sustained", [r["max_sustained_rate"] for r in rows])],
           "Max sustained events/s (p99 <= 50 ms, not saturated)", "events/s")
-    _bars(axes[0][1], labels, [(p, [r[p] for r in rows]) for p in ("p50", "p95", "p99")],
-          "Delivery latency at the fixed load", "ms")
+    latency = [(p, [r[p] for r in rows]) for p in ("p50", "p95", "p99")]
+    _bars(axes[0][1], labels, [*latency, ("agent_completed p99", [r["end_p99"] for r in rows])],
+          "Delivery latency at the fixed load", "ms (log)", log=True)
     _bars(axes[1][0], labels, [("nodes", [r["nodes_cpu_us_per_event"] for r in rows]),
                                ("Redis", [r["redis_cpu_us_per_event"] for r in rows])],
           "CPU per event at the fixed load (stacked)", "us", stacked=True)
-    redis_work = [("commands", "commands_per_event"), ("socket reads (~ round trips)",
+    redis_work = [("commands", "commands_per_event"), ("socket reads (<= round trips)",
                   "reads_per_event"), ("EVALSHA", "script_calls_per_event")]
     _bars(axes[1][1], labels, [(name, [r[key] for r in rows]) for name, key in redis_work],
           "Redis work per event at the fixed load", "per event")
@@ -264,10 +267,14 @@ def nodes_section(nodes: Results, rel: str, number: int) -> str:
     lines = [
         f"## {number}. Nodes on one Redis: what each node and Redis cost",
         "",
-        f"**This machine has {cpus} CPU cores.** With 3 nodes, Redis and the load generator "
-        "sharing them, adding nodes cannot add throughput here: the figures show what a "
-        "service of several nodes costs per event compared with one process, not how it "
-        "scales on machines of its own (docs/SCALING.md projects that on paper).",
+        f"**This machine has {cpus} CPU cores.** Up to 3 nodes, Redis and the load generator "
+        "share them (and so do other processes: see the last column), so this scenario cannot "
+        "show the speed-up nodes on machines of their own would give: a single node is "
+        "limited to one core, several nodes can at most spread over the second one. What it "
+        "measures is what a service of several nodes costs per event compared with one "
+        "process, and what Redis does per event; docs/SCALING.md projects the rest on paper. "
+        "The ramp's maxima move with the machine's other load (a step's achieved rate falls "
+        "when other processes take the cores), so compare them with care.",
         "",
         f"One local `redis-server` ({nodes.get('redis_version') or 'version unknown'}, no "
         "persistence); for each service its nodes are `python -m harness serve --port 0 "
@@ -290,7 +297,9 @@ def nodes_section(nodes: Results, rel: str, number: int) -> str:
         "the Lua scripts and the `MULTI` transactions count one by one) / events delivered; "
         "EVALSHA = Lua script calls (one request each); EXEC = transactions (one pipelined "
         "request each); socket reads = `total_reads_processed`, the reads Redis made from its "
-        "clients, about one per round trip. \"Whole trial\" counts from before the generator "
+        "clients: requests sent together (a pipeline, or the concurrent requests coredis "
+        "multiplexes on one connection) are read at once, so this is a lower bound of the "
+        "round trips. \"Whole trial\" counts from before the generator "
         "connects to after its last run ended: every run from admission to end and every "
         "socket from connect to disconnect. `agent_completed` p99: the runs' last events "
         "alone (with Redis a node holds a run's end until Redis has recorded it, up to 1 s).",
@@ -321,7 +330,7 @@ def nodes_section(nodes: Results, rel: str, number: int) -> str:
         "Redis per event at the fixed load (window; then the whole trial):",
         "",
         *table(["service", "commands/event", "EVALSHA/event", "EXEC/event",
-                "socket reads/event (~ round trips)", "commands/s", "bytes in/event",
+                "socket reads/event (<= round trips)", "commands/s", "bytes in/event",
                 "whole trial: commands/event", "whole trial: reads/event",
                 "most called (per event)"], _redis_rows(summary)),
         "",

@@ -152,7 +152,7 @@ def test_the_section_says_the_machine_has_two_cores_and_shows_every_service() ->
     text = reporting_nodes.nodes_section(nodes_results(), "results", 7)
     assert text.startswith("## 7. Nodes on one Redis")
     assert "**This machine has 2 CPU cores.**" in text
-    assert "cannot add throughput here" in text
+    assert "cannot show the speed-up" in text
     assert "![nodes](results/nodes.png)" in text
     for label in ("1 node, in memory", "1 node + Redis", "2 nodes + Redis", "3 nodes + Redis"):
         assert f"| {label} |" in text
