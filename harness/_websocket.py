@@ -133,7 +133,7 @@ class ServerWebSocket:
             reply += self._send(event.response())
         elif isinstance(event, Pong):
             self.pongs += 1
-        elif isinstance(event, CloseConnection):
+        elif isinstance(event, CloseConnection):  # pragma: no branch - wsproto has no other event
             by_peer = self._ws.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED)
             return Closed(event.code, event.reason or "", by_peer)
         return None
