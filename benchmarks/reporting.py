@@ -616,6 +616,11 @@ def _method() -> str:
             "- The baseline (`benchmarks/baseline_trio.py`) has the registry's fan-out shape "
             "(run task -> per-socket unbounded outbox -> writer task) and an in-memory log for "
             "`resume`, and nothing else: no limits, backpressure, acks, retention or lifecycle.",
+            "- `nodes` and `delivery` (benchmarks/node_scenarios.py): the lean generator spreads "
+            "its sockets round robin over the nodes and reads Redis's `INFO` (commands, socket "
+            "reads, CPU) at the window's edges, the orchestrator reads it around each whole "
+            "trial; `delivery` runs the trio generator's drops mode against "
+            "`--delivery-mode registry` and `direct`. docs/SCALING.md builds on these figures.",
             "- `python -m benchmarks.run --report-only` redraws plots and this report from the "
             "JSON files without measuring.",
         ]
