@@ -26,10 +26,10 @@ import anyio.abc
 from registry._events import encode_event, envelope_prefix
 from registry._lifecycle import Trigger
 from registry._outbound import CLOSE_OVERFLOW, OutboundQueue
-from registry._outbox import Abandon, Append, Disconnect, Finish, Operation, Outbox, Tools
+from registry._outbox import Append, Disconnect, Finish, Operation, Outbox, Tools
 from registry._payloads import AgentCompleted, ToolCompleted
 from registry._run import Run
-from registry._shared import RunRecord, SharedState, SharedStateUnavailable
+from registry._shared import Batch, RunRecord, SharedState, SharedStateUnavailable
 from registry._stream import RunStream, StreamError
 from registry._vocabulary import EventType
 
@@ -200,26 +200,29 @@ class ClusterAPI(abc.ABC):
             self._progress.set()
             self._progress = anyio.Event()
 
-    async def _write(self, batch: list[Operation]) -> None:
-        """Writes a batch in few round trips: every run's events and latest open tools in
-        one atomic step, then the ends, then closed connections (the order that matters, a
-        run's events before its end, is kept)."""
+    async def _write(self, operations: list[Operation]) -> None:
+        """Writes operations in one step: every run's events and latest open tools, then
+        the ends, closed connections and abandoned admissions (a run's events before its
+        end)."""
         assert self._shared is not None
         logs: dict[str, list[tuple[int, bytes]]] = {}
         tools: dict[str, Mapping[str, str]] = {}
-        for operation in batch:
-            if isinstance(operation, Append):
-                logs.setdefault(operation.run_id, []).extend(operation.entries)
-            elif isinstance(operation, Tools):
-                tools[operation.run_id] = operation.open_tools
-        await self._shared.append_many(logs, tools)
-        for operation in batch:
-            if isinstance(operation, Finish):
-                await self._shared.finish(operation.run_id, retention_s=operation.retention_s)
-            elif isinstance(operation, Disconnect):
-                await self._shared.disconnect(operation.user_id, operation.conn_id)
-            elif isinstance(operation, Abandon):
-                await self._shared.drop(operation.run_id)
+        finished: dict[str, float] = {}
+        disconnected: list[tuple[str, str]] = []
+        dropped: list[str] = []
+        for op in operations:
+            if isinstance(op, Append):
+                logs.setdefault(op.run_id, []).extend(op.entries)
+            elif isinstance(op, Tools):
+                tools[op.run_id] = op.open_tools
+            elif isinstance(op, Finish):
+                finished[op.run_id] = op.retention_s
+            elif isinstance(op, Disconnect):
+                disconnected.append((op.user_id, op.conn_id))
+            else:
+                dropped.append(op.run_id)
+        await self._shared.apply(Batch(logs=logs, open_tools=tools, finished=finished,
+                                       disconnected=disconnected, dropped=dropped))
 
     async def _restore_state(self) -> None:
         """Writes again what the shared state lost of this node: every run it runs or
@@ -420,14 +423,31 @@ class ClusterAPI(abc.ABC):
             except SharedStateUnavailable:
                 await anyio.sleep(_RETRY_S[1])
                 continue
-            try:
-                events = run.stream.extend(entries)
-            except StreamError:
-                self._fell_behind(run)
-                return
-            self._mirror_moved.pop(run.run_id, anyio.Event()).set()
-            if events:
-                await self._delivery.relay(run, events)
+            for chunk in self._chunks(entries):
+                try:
+                    events = run.stream.extend(chunk)
+                except StreamError:
+                    self._fell_behind(run)
+                    return
+                self._mirror_moved.pop(run.run_id, anyio.Event()).set()
+                if events:  # a socket past half its bounds may drain before the next chunk
+                    await self._delivery.relay(run, events)
+
+    def _chunks(self, entries: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+        """A tail's events in chunks of at most half a socket's bounds: the shared log hands
+        over hundreds at once, which a socket reading at full speed takes only in turns
+        (as it takes the events of a run of its own node, one emit at a time)."""
+        most = max(1, self.config.max_queued_messages // 2)
+        most_bytes = max(1, int(self.config.max_queued_mib * 1024 * 1024) // 2)
+        chunks: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for entry in entries:
+            if chunks[-1] and (len(chunks[-1]) >= most or size + len(entry[1]) > most_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(entry)
+            size += len(entry[1])
+        return chunks
 
     def _fell_behind(self, run: Run) -> None:
         """The shared log was trimmed past this mirror (an ack elsewhere): its sockets are

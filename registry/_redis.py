@@ -63,6 +63,7 @@ import coredis.exceptions
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from coredis.commands.script import Script
+from coredis.exceptions import NoScriptError
 from coredis.response.types import StreamEntry
 from coredis.retry import (
     CompositeRetryPolicy,
@@ -72,7 +73,7 @@ from coredis.retry import (
 )
 
 from registry._errors import Overloaded, RateLimited
-from registry._shared import RunRecord, SharedStateUnavailable
+from registry._shared import Batch, RunRecord, SharedStateUnavailable
 from registry._util import unwrapping_groups
 
 __all__ = ["RedisSharedState", "open_redis_state"]
@@ -296,6 +297,15 @@ def _record(run_id: str, fields: Mapping[Any, Any]) -> RunRecord:
     )
 
 
+def _check_batch(results: Sequence[Any]) -> None:
+    """Raises what went wrong in a batch; an event id already there is not wrong."""
+    for result in results:
+        if isinstance(result, _UNAVAILABLE):
+            raise SharedStateUnavailable(f"redis: {result!r}") from result
+        if isinstance(result, BaseException) and "equal or smaller" not in str(result):
+            raise result  # a bug (WRONGTYPE...): an id already there is the only refusal
+
+
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
     """A Lua ``HGETALL`` reply (a flat list) as a mapping."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -428,26 +438,50 @@ class RedisSharedState:
         self, logs: Mapping[str, Sequence[tuple[int, bytes]]],
         open_tools: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
-        """See :meth:`SharedState.append_many`: every ``XADD`` and open-tools update in one
-        ``MULTI`` (one round trip; a tail sees each run's batch whole)."""
-        open_tools = open_tools or {}
-        if not any(logs.values()) and not open_tools:
+        """See :meth:`SharedState.append_many` (an :meth:`apply`)."""
+        await self.apply(Batch(logs=logs, open_tools=open_tools or {}))
+
+    async def apply(self, batch: Batch) -> None:
+        """See :meth:`SharedState.apply`: one ``MULTI`` of every ``XADD``, then ``EVALSHA``
+        of the scripts (one round trip; a tail sees each run's events whole). A Redis that
+        lost the scripts (restarted) gets them again, and the batch is applied again."""
+        if batch.empty:
             return
+        for attempt in (1, 2):
+            with self._guard():
+                async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
+                    self._queue(pipe, batch)
+            results = list(pipe.results or ())
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                await self._load_scripts()
+                continue
+            _check_batch(results)
+            return
+
+    def _queue(self, pipe: Any, batch: Batch) -> None:
+        for run_id, entries in batch.logs.items():
+            log = self._key("log:", run_id)
+            for seq, data in entries:
+                pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
+        for run_id, tools in batch.open_tools.items():
+            self._evalsha(pipe, "set_open_tools", [self._key("run:", run_id)],
+                          [json.dumps(dict(tools))])
+        for run_id, retention_s in batch.finished.items():
+            self._evalsha(pipe, "finish", self._run_keys(run_id),
+                          [run_id, _ms(retention_s), self.key_prefix])
+        for user_id, conn_id in batch.disconnected:
+            self._evalsha(pipe, "disconnect", [self._key("conns:", _h(user_id))],
+                          [conn_id, f"{_h(user_id)}:{conn_id}", self.key_prefix])
+        for run_id in batch.dropped:
+            self._evalsha(pipe, "drop", self._run_keys(run_id), [run_id, self.key_prefix])
+
+    def _evalsha(self, pipe: Any, name: str, keys: list[str], args: list[str | int]) -> None:
+        pipe.evalsha(self._scripts[name].sha, keys=keys, args=args)
+
+    async def _load_scripts(self) -> None:
         with self._guard():
-            async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
-                for run_id, entries in logs.items():
-                    log = self._key("log:", run_id)
-                    for seq, data in entries:
-                        pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
-                for run_id, tools in open_tools.items():
-                    self._scripts["set_open_tools"](
-                        keys=[self._key("run:", run_id)], args=[json.dumps(dict(tools))],
-                        client=pipe)
-        for result in pipe.results or ():
-            if isinstance(result, _UNAVAILABLE):
-                raise SharedStateUnavailable(f"redis: {result!r}") from result
-            if isinstance(result, BaseException) and "equal or smaller" not in str(result):
-                raise result  # a bug (WRONGTYPE...): an id already there is the only refusal
+            for script in self._scripts.values():
+                await self._client.script_load(script.script)
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`: one ``MULTI`` of ``HGET`` and ``XRANGE``."""

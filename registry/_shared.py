@@ -27,7 +27,7 @@ from typing import Protocol, final
 
 import attrs
 
-__all__ = ["RunRecord", "SharedState", "SharedStateUnavailable"]
+__all__ = ["Batch", "RunRecord", "SharedState", "SharedStateUnavailable"]
 
 
 class SharedStateUnavailable(Exception):
@@ -55,6 +55,31 @@ class RunRecord:
     node_id: str
     ended: bool = False
     open_tools: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Batch:
+    """What a node writes in one step, applied in this order (a run's events before its end).
+
+    Attributes:
+        logs: Events to append per run: (seq, wire bytes), in seq order.
+        open_tools: The runs' open tool calls now (call_id -> tool).
+        finished: Runs that ended, with their ``retention_s``.
+        disconnected: Connections (user_id, conn_id) that closed.
+        dropped: Runs to forget at once (an admission whose answer was lost).
+    """
+
+    logs: Mapping[str, Sequence[tuple[int, bytes]]] = attrs.field(factory=dict)
+    open_tools: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
+    finished: Mapping[str, float] = attrs.field(factory=dict)
+    disconnected: Sequence[tuple[str, str]] = ()
+    dropped: Sequence[str] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (any(self.logs.values()) or self.open_tools or self.finished
+                    or self.disconnected or self.dropped)
 
 
 class SharedState(Protocol):
@@ -108,6 +133,12 @@ class SharedState(Protocol):
         """:meth:`append` for several runs, and :meth:`set_open_tools` for several runs, in
         one atomic step: no reader ever sees a ``tool_executing`` whose open tool is not
         recorded yet (a survivor would end the run without closing the tool)."""
+        ...
+
+    async def apply(self, batch: Batch) -> None:
+        """Writes a node's :class:`Batch` in one atomic step (one round trip for Redis):
+        :meth:`append_many`, then :meth:`finish`, :meth:`disconnect` and :meth:`drop` of
+        each. Safe to apply twice."""
         ...
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:

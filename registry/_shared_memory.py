@@ -25,7 +25,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
 from registry._errors import Overloaded, RateLimited
-from registry._shared import RunRecord, SharedStateUnavailable
+from registry._shared import Batch, RunRecord, SharedStateUnavailable
 
 __all__ = ["MemorySharedState"]
 
@@ -120,6 +120,9 @@ class MemorySharedState:
     async def finish(self, run_id: str, *, retention_s: float) -> None:
         """See :meth:`SharedState.finish`: a second call changes nothing."""
         await self._enter()
+        self._finish(run_id, retention_s)
+
+    def _finish(self, run_id: str, retention_s: float) -> None:
         run = self._live_run(run_id)
         if run is None or run.record.ended:
             return
@@ -167,12 +170,22 @@ class MemorySharedState:
         open_tools: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """See :meth:`SharedState.append_many`: one step, like one Redis transaction."""
+        await self.apply(Batch(logs=logs, open_tools=open_tools or {}))
+
+    async def apply(self, batch: Batch) -> None:
+        """See :meth:`SharedState.apply`: one step, like one Redis transaction."""
         await self._enter()
-        for run_id, entries in logs.items():
+        for run_id, entries in batch.logs.items():
             self._append(run_id, entries)
-        for run_id, tools in (open_tools or {}).items():
+        for run_id, tools in batch.open_tools.items():
             if (run := self._live_run(run_id)) is not None:
                 run.record = attrs.evolve(run.record, open_tools=dict(tools))
+        for run_id, retention_s in batch.finished.items():
+            self._finish(run_id, retention_s)
+        for user_id, conn_id in batch.disconnected:
+            self._disconnect(user_id, conn_id)
+        for run_id in batch.dropped:
+            self._forget_run(run_id)
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`."""
@@ -224,6 +237,9 @@ class MemorySharedState:
     async def disconnect(self, user_id: str, conn_id: str) -> None:
         """See :meth:`SharedState.disconnect`."""
         await self._enter()
+        self._disconnect(user_id, conn_id)
+
+    def _disconnect(self, user_id: str, conn_id: str) -> None:
         conns = self._conns.get(user_id, {})
         conns.pop(conn_id, None)
         if not conns:

@@ -196,20 +196,20 @@ async def _endless_big_tokens(server: Server) -> None:
     """Four users run scripted with 100000 tokens of 64 KB: two read, two never read.
 
     A reader closed with 4008 does what a client should: it reconnects and resumes, until it
-    has read 2000 events (128 MB) or the server says the events it missed are gone.
+    has read 1000 events (64 MB) or the server says the events it missed are gone.
     """
     context = scripted(tools=0, tokens=100_000, token_bytes=65_536)
 
     async def reader(user: str) -> None:
         run_id, held = None, 0
-        while held < 2000:
+        while held < 1000:
             async with connect(server, user) as client:
                 if run_id is None:
                     run_id = (await client.start(context=context))["run_id"]
                 else:
                     await client.send({"type": "resume", "run_id": run_id, "after_seq": held})
                 try:
-                    while held < 2000:
+                    while held < 1000:
                         frame = client.backlog.popleft() if client.backlog else await client.recv()
                         if frame["type"] == "error":  # the missed events were given up
                             assert frame["code"] in ("resume_unavailable", "not_found"), frame
@@ -253,7 +253,7 @@ async def test_a_memory_attack_leaves_the_server_serving_within_512_mib(
 ) -> None:
     async with limited_server(resource.RLIMIT_AS, MEMORY_LIMIT, *MEMORY_FLAGS) as limited:
         try:
-            with trio.fail_after(40):
+            with trio.fail_after(90):  # a hang guard: CI machines are slow and shared
                 await MEMORY_ATTACKS[attack](limited.server)
         except BaseException:
             await limited.assert_survived()  # a dead server explains the failure

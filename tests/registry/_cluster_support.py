@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from registry import AgentContext, AgentExecutionRegistry, OutboundQueue, open_registry
-from registry._shared import RunRecord, SharedStateUnavailable
+from registry._shared import Batch, RunRecord, SharedStateUnavailable
 from registry._shared_memory import MemorySharedState
 from registry._util import unwrapping_groups
 from tests.registry._support import USER, chatty, config, echo, hang, in_tool, make_agents
@@ -129,6 +129,10 @@ class Link:
     ) -> None:
         await self._enter()
         await self.target.append_many(logs, open_tools)
+
+    async def apply(self, batch: Batch) -> None:
+        await self._enter()
+        await self.target.apply(batch)
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         await self._enter()

@@ -24,7 +24,7 @@ import trio.testing
 
 from registry._errors import Overloaded, RateLimited
 from registry._redis import open_redis_state
-from registry._shared import RunRecord, SharedState, SharedStateUnavailable
+from registry._shared import Batch, RunRecord, SharedState, SharedStateUnavailable
 from registry._shared_memory import MemorySharedState
 from tests import _redis
 from tests._redis import RedisServer
@@ -557,6 +557,28 @@ async def test_append_many_records_open_tools_with_the_events(store: Store) -> N
     assert await store.b.read("r1", 0) == (0, events(1, 2))
 
 
+async def test_apply_writes_events_tools_ends_disconnects_and_drops_in_one_step(
+    store: Store,
+) -> None:
+    for run in ("r1", "r2", "r3"):
+        await admit(store.a, run_record(run, request=f"q-{run}"))
+    assert await store.a.connect("alice", "c1", "n1", 1)
+    batch = Batch(logs={"r1": events(1, 2), "r2": events(1)}, open_tools={"r2": {"c": "t"}},
+                  finished={"r1": 60.0}, disconnected=[("alice", "c1")], dropped=["r3"])
+    for _ in range(2):  # applied twice (a retry) it changes nothing more
+        await store.a.apply(batch)
+        first = await store.b.record("r1")
+        assert first is not None and first.ended
+        assert await store.b.read("r1", 0) == (0, events(1, 2))
+        second = await store.b.record("r2")
+        assert second is not None and second.open_tools == {"c": "t"} and not second.ended
+        assert await store.b.record("r3") is None
+        assert await store.b.node_runs("n1") == ["r2"]
+        assert await store.b.connect("alice", "c2", "n2", 1)  # c1 no longer counts
+        await store.b.disconnect("alice", "c2")
+    await store.a.apply(Batch())  # nothing to write
+
+
 async def test_ping(store: Store) -> None:
     await store.a.ping()
     await store.b.ping()
@@ -737,3 +759,19 @@ def test_keys_are_what_the_module_docstring_says(redis_server: RedisServer) -> N
 
 def _h(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+async def test_a_batch_is_applied_whole_after_redis_forgot_its_scripts(
+    own_redis_server: RedisServer,
+) -> None:
+    """A batch calls its scripts by SHA (no SCRIPT EXISTS per batch); a Redis that lost them
+    (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the batch is applied again with them."""
+    async with open_redis_state(own_redis_server.url) as state, \
+            coredis.Redis.from_url(own_redis_server.url) as raw:
+        await admit(state, run_record("r1"))
+        await raw.script_flush()
+        await state.apply(Batch(logs={"r1": events(1, 2)}, open_tools={"r1": {"c": "t"}},
+                                finished={"r1": 60.0}))
+        record = await state.record("r1")
+        assert record is not None and record.ended and record.open_tools == {"c": "t"}
+        assert await state.read("r1", 0) == (0, events(1, 2))
