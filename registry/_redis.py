@@ -1,7 +1,8 @@
 """The Redis :class:`~registry._shared.SharedState`: every node of a service on one Redis.
 
 Built on coredis (anyio: runs under trio and asyncio). Open it with :func:`open_redis_state`.
-Needs a single Redis >= 6.2 (standalone or behind Sentinel), not a Cluster: the scripts touch
+Needs a single Redis >= 6.2 (a Sentinel-managed primary only behind a stable address: see
+docs/SCALING.md), not a Cluster: the scripts touch
 keys of several users in one step. All keys start with ``key_prefix`` (``P``, default
 ``reg:``). A user or request id is client input, so it enters a key only as ``h(id)``, the
 first 32 hex digits of its SHA-256; every other variable part ends its key, after a prefix
@@ -30,15 +31,16 @@ Each state change is one Lua script (one round trip, atomic): ``admit`` (dedup c
 limits, registration), ``finish``, ``drop``, ``set_open_tools`` and ``trim`` (which never
 recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_nodes``,
 ``claim``, ``forget_node``, ``restore`` (a node writes its runs again into a Redis that lost
-them: ``heartbeat`` tells it). An ``append`` of n events is n ``XADD`` in one
-``MULTI``/``EXEC`` with the runs' open tools (one round trip; a refused id fails only its
-own ``XADD``; a tail sees the batch whole); ``read`` is ``HGET trimmed`` + ``XRANGE`` in one
-``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool (``max_tails``
-connections), so that waiting tails never hold the connections the others multiplex on.
-Every command is safe to run twice (coredis retries one whose connection broke): a re-run
-admit finds its own run, a re-run claim its own claim, a re-run finish changes nothing. Only
-``PUBLISH`` is not, so it goes through a third client that never retries (a message is
-delivered at most once).
+them: ``heartbeat`` tells it). A node writes a batch in one ``MULTI``/``EXEC`` of
+``EVALSHA`` calls (one round trip; scripts by SHA, reloaded once on ``NOSCRIPT``): per run
+an ``append`` script of one ``XADD`` per event (an id already there is skipped; a tail sees
+the batch whole), then open tools, ends, disconnects and drops; ``read`` is ``HGET trimmed``
++ ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool
+(``max_tails`` connections), so that waiting tails never hold the connections the others
+multiplex on. Every command is safe to run twice (coredis retries one whose connection
+broke): a re-run admit finds its own run, a re-run claim its own claim, a re-run finish
+changes nothing. Only ``PUBLISH`` is not, so it goes through a third client that never
+retries (a message is delivered at most once).
 
 Every connection error and timeout (``timeout_s`` per call, ``wait_s + timeout_s`` for
 ``tail``) is raised as :class:`SharedStateUnavailable`; coredis reconnects on the next
@@ -120,6 +122,17 @@ redis.call('HSET', KEYS[4], 'user_id', ARGV[6], 'request_id', ARGV[7], 'thread_i
   'agent', ARGV[9], 'node_id', ARGV[10], 'ended', '0', 'open_tools', ARGV[11],
   'trimmed', '0', 'akey', KEYS[2], 'dkey', KEYS[1])
 return {0}
+"""
+
+_APPEND: Final = """
+-- KEYS: log; ARGV: seq, data, seq, data, ... (in seq order)
+for i = 1, #ARGV, 2 do
+  local added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'f', ARGV[i + 1])
+  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+    return added
+  end
+end
+return 0
 """
 
 _FINISH: Final = """
@@ -431,7 +444,7 @@ class RedisSharedState:
 
     # ------------------------------------------------------------ event log
     async def append(self, run_id: str, entries: Sequence[tuple[int, bytes]]) -> None:
-        """See :meth:`SharedState.append`: one ``XADD`` per event, all in one round trip."""
+        """See :meth:`SharedState.append`: one script of one ``XADD`` per event."""
         await self.append_many({run_id: entries})
 
     async def append_many(
@@ -442,9 +455,10 @@ class RedisSharedState:
         await self.apply(Batch(logs=logs, open_tools=open_tools or {}))
 
     async def apply(self, batch: Batch) -> None:
-        """See :meth:`SharedState.apply`: one ``MULTI`` of every ``XADD``, then ``EVALSHA``
-        of the scripts (one round trip; a tail sees each run's events whole). A Redis that
-        lost the scripts (restarted) gets them again, and the batch is applied again."""
+        """See :meth:`SharedState.apply`: one ``MULTI`` of ``EVALSHA`` calls, one round trip:
+        each run's events (an ``append`` script), then the other scripts (a tail sees each
+        run's events whole). A Redis that lost the scripts (restarted) gets them again, and
+        the batch is applied again."""
         if batch.empty:
             return
         for attempt in (1, 2):
@@ -460,9 +474,9 @@ class RedisSharedState:
 
     def _queue(self, pipe: Any, batch: Batch) -> None:
         for run_id, entries in batch.logs.items():
-            log = self._key("log:", run_id)
-            for seq, data in entries:
-                pipe.xadd(log, {"f": data}, identifier=f"0-{seq}")
+            if entries:
+                self._evalsha(pipe, "append", [self._key("log:", run_id)],
+                              [part for entry in entries for part in entry])
         for run_id, tools in batch.open_tools.items():
             self._evalsha(pipe, "set_open_tools", [self._key("run:", run_id)],
                           [json.dumps(dict(tools))])
@@ -475,7 +489,9 @@ class RedisSharedState:
         for run_id in batch.dropped:
             self._evalsha(pipe, "drop", self._run_keys(run_id), [run_id, self.key_prefix])
 
-    def _evalsha(self, pipe: Any, name: str, keys: list[str], args: list[str | int]) -> None:
+    def _evalsha(
+        self, pipe: Any, name: str, keys: list[str], args: list[str | int | bytes]
+    ) -> None:
         pipe.evalsha(self._scripts[name].sha, keys=keys, args=args)
 
     async def _load_scripts(self) -> None:
@@ -690,7 +706,8 @@ class RedisSharedState:
 
 
 _SCRIPTS: Final = {
-    "admit": _ADMIT, "finish": _FINISH, "drop": _DROP, "set_open_tools": _SET_OPEN_TOOLS,
+    "append": _APPEND, "admit": _ADMIT, "finish": _FINISH, "drop": _DROP,
+    "set_open_tools": _SET_OPEN_TOOLS,
     "trim": _TRIM, "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
     "dead_nodes": _DEAD_NODES, "claim": _CLAIM, "forget_node": _FORGET_NODE,
     "restore": _RESTORE,
