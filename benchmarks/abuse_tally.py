@@ -148,6 +148,12 @@ def text_frames(text: str, count: int) -> bytes:
     return ws_frames.client_frame(ws_frames.OP_TEXT, text.encode()) * count
 
 
+def big_ping(id_chars: int = 1000) -> str:
+    """Return a ``ping`` whose ``id`` has ``id_chars`` characters: its ``pong`` echoes them,
+    so what a flood makes the server owe grows by bytes as well as by messages."""
+    return json.dumps({"type": "ping", "id": "i" * id_chars})
+
+
 def ws_ping_frames(count: int, size: int = 125) -> bytes:
     """Return ``count`` masked WebSocket ping control frames of ``size`` (<= 125) bytes."""
     return ws_frames.client_frame(ws_frames.OP_PING, b"p" * min(size, 125)) * count

@@ -83,6 +83,7 @@ def test_floods_are_whole_masked_frames() -> None:
         message = at.junk_message(index)
         assert len(message) < 200
     assert json.loads(at.junk_message(2))["type"] == "start_agent"
+    assert json.loads(at.big_ping(50)) == {"type": "ping", "id": "i" * 50}
 
 
 def test_thread_id_cases_go_from_out_of_bounds_to_the_longest_valid() -> None:
