@@ -125,11 +125,17 @@ return {0}
 """
 
 _APPEND: Final = """
--- KEYS: log; ARGV: seq, data, seq, data, ... (in seq order)
-for i = 1, #ARGV, 2 do
-  local added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'f', ARGV[i + 1])
-  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
-    return added
+-- KEYS: the runs' logs; ARGV: per log, its count n, then n (seq, data) pairs in seq order
+local a = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, n do
+    local added = redis.pcall('XADD', KEYS[k], '0-' .. ARGV[a], 'f', ARGV[a + 1])
+    if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+      return added
+    end
+    a = a + 2
   end
 end
 return 0
@@ -168,8 +174,10 @@ return 0
 """
 
 _SET_OPEN_TOOLS: Final = """
--- KEYS: run; ARGV: open_tools
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'open_tools', ARGV[1]) end
+-- KEYS: runs; ARGV: each run's open_tools
+for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('HSET', KEYS[k], 'open_tools', ARGV[k]) end
+end
 return 0
 """
 
@@ -456,7 +464,7 @@ class RedisSharedState:
 
     async def apply(self, batch: Batch) -> None:
         """See :meth:`SharedState.apply`: one ``MULTI`` of ``EVALSHA`` calls, one round trip:
-        each run's events (an ``append`` script), then the other scripts (a tail sees each
+        every run's events (one ``append`` script), then the other scripts (a tail sees each
         run's events whole). A Redis that lost the scripts (restarted) gets them again, and
         the batch is applied again."""
         if batch.empty:
@@ -473,13 +481,17 @@ class RedisSharedState:
             return
 
     def _queue(self, pipe: Any, batch: Batch) -> None:
-        for run_id, entries in batch.logs.items():
-            if entries:
-                self._evalsha(pipe, "append", [self._key("log:", run_id)],
-                              [part for entry in entries for part in entry])
-        for run_id, tools in batch.open_tools.items():
-            self._evalsha(pipe, "set_open_tools", [self._key("run:", run_id)],
-                          [json.dumps(dict(tools))])
+        logs = {run_id: entries for run_id, entries in batch.logs.items() if entries}
+        if logs:
+            args: list[str | int | bytes] = []
+            for entries in logs.values():
+                args.append(len(entries))
+                args += [part for entry in entries for part in entry]
+            self._evalsha(pipe, "append", [self._key("log:", r) for r in logs], args)
+        if batch.open_tools:
+            self._evalsha(pipe, "set_open_tools",
+                          [self._key("run:", run_id) for run_id in batch.open_tools],
+                          [json.dumps(dict(tools)) for tools in batch.open_tools.values()])
         for run_id, retention_s in batch.finished.items():
             self._evalsha(pipe, "finish", self._run_keys(run_id),
                           [run_id, _ms(retention_s), self.key_prefix])
