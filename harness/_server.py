@@ -33,6 +33,7 @@ from harness._ops import TEXT, Operations
 from harness._session import ChatSession
 from harness._websocket import Closed, Message, ServerWebSocket, text_frame_header
 from registry import (
+    CLOSE_OVERFLOW,
     AgentExecutionRegistry,
     AgentRegistry,
     Config,
@@ -322,8 +323,10 @@ class ChatServer:
 
     async def _received(self, s: _Socket, data: bytes) -> None:
         inbound, reply = s.ws.receive(data)
-        if reply:
+        if reply and s.queue.close_code is None:  # pongs count against max_queued_mib
             s.out += reply
+            if len(s.out) > self.config.max_queued_mib * 1024 * 1024:
+                self._close(s, CLOSE_OVERFLOW, "outbound queue overflow; reconnect and resume")
             self._mark_dirty(s)
         for item in inbound:
             if isinstance(item, Message):

@@ -585,6 +585,20 @@ async def test_a_non_reader_flooding_big_pings_is_closed_4008_by_bytes_under_the
     assert late == []
 
 
+async def test_a_non_reader_flooding_websocket_pings_is_closed_4008_by_its_pongs_bytes() -> None:
+    """The pongs owed to WebSocket pings count against ``max_queued_mib`` too."""
+    pings = 40_000  # 125-byte pings: about 5 MB of pongs owed, against 0.25 MiB
+    async with (
+        open_server(max_queued_mib=0.25) as server,
+        raw_websocket(server, rcvbuf=4096) as raw,
+    ):
+        ping = client_frame(0x9, b"p" * 125)
+        for _ in range(0, pings, 1000):
+            await raw.send(ping * 1000)
+        code, _ = await raw.until_close()
+    assert code == 4008
+
+
 # ============================================================= 5. a second signal
 @pytest.mark.parametrize(("first", "second", "when"), [
     (signal.SIGTERM, signal.SIGTERM, "at_once"),
