@@ -55,7 +55,7 @@ from wsproto.events import CloseConnection
 from harness._asgi import service_of_app
 from harness._http import MAX_HEAD_BYTES
 from harness._websocket import text_frame_header
-from registry import Config
+from registry import CLOSE_OVERFLOW, Config
 
 __all__ = ["ACCEPTS_PER_PASS", "DrainingServer", "HandshakeProtocol", "WebSocketProtocol",
            "listening_socket", "uvicorn_config"]
@@ -144,6 +144,7 @@ class WebSocketProtocol(WSProtocol):
     """uvicorn's wsproto protocol with the close rules of PROTOCOL.md (see the module)."""
 
     close_timeout_s: ClassVar[float]
+    max_queued_bytes: ClassVar[int] = 8 * 1024 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -215,6 +216,17 @@ class WebSocketProtocol(WSProtocol):
         self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_TOO_BIG,
                                "reason": f"message over max_message_bytes ({limit})"})
         self._fail(CLOSE_TOO_BIG, f"message over max_message_bytes ({limit})")
+
+    def handle_ping(self, event: events.Ping) -> None:
+        """Pongs count against ``max_queued_mib``: a peer that pings without reading is
+        closed 4008, as the trio server does (the application hears it as a disconnect)."""
+        if self.transport.get_write_buffer_size() <= self.max_queued_bytes:
+            super().handle_ping(event)
+            return
+        reason = "outbound queue overflow; reconnect and resume"
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_OVERFLOW,
+                               "reason": reason})
+        self._fail(CLOSE_OVERFLOW, reason)
 
     def _fail(self, code: int, reason: str) -> None:
         """Closes with ``code`` for what the peer sent, reading on until its answer.
@@ -322,6 +334,7 @@ def _protocols(config: Config) -> tuple[type[HandshakeProtocol], type[WebSocketP
 
     class Ws(WebSocketProtocol):
         close_timeout_s = config.close_timeout_s
+        max_queued_bytes = int(config.max_queued_mib * 1024 * 1024)
 
     return Http, Ws
 

@@ -585,11 +585,13 @@ async def test_a_non_reader_flooding_big_pings_is_closed_4008_by_bytes_under_the
     assert late == []
 
 
-async def test_a_non_reader_flooding_websocket_pings_is_closed_4008_by_its_pongs_bytes() -> None:
+async def test_a_non_reader_flooding_websocket_pings_is_closed_4008_by_its_pongs_bytes(
+    server_kind: str,
+) -> None:
     """The pongs owed to WebSocket pings count against ``max_queued_mib`` too."""
     pings = 40_000  # 125-byte pings: about 5 MB of pongs owed, against 0.25 MiB
     async with (
-        open_server(max_queued_mib=0.25) as server,
+        open_server(server_kind, max_queued_mib=0.25) as server,
         raw_websocket(server, rcvbuf=4096) as raw,
     ):
         ping = client_frame(0x9, b"p" * 125)
