@@ -306,6 +306,7 @@ class ChatServer:
             log.exception("socket handler crashed user_id=%s run_ids=%s %s",
                           s.queue.user_id, ",".join(s.queue.run_ids()) or "-", s.label)
             self._close(s, CLOSE_INTERNAL, "internal error")
+            self._flush(s)  # the close frame, as far as the socket takes it now
         finally:
             self._forget(s)
 
