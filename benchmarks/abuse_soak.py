@@ -303,9 +303,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(summary: dict[str, Any], out: Path, name: str) -> list[str]:
-    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``; return the findings."""
-    found = abuse_report.findings(summary)
+def write(summary: dict[str, Any], out: Path, name: str, notes: Sequence[str] = ()) -> list[str]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``; return the findings (the
+    figures', then ``notes``: what a person found out about them)."""
+    found = [*abuse_report.findings(summary), *notes]
     summary = {**summary, "findings": found}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / f"{name}.md").write_text(abuse_report.markdown(summary, found))
@@ -341,6 +342,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=HERE / "results", help="results folder")
     add("--name", default="abuse", help="results file names: <name>.json|md|png")
     add("--logs", type=Path, default=None, help="server and client logs (default: a temp dir)")
+    add("--note", action="append", default=[],
+        help="a finding to add to the report (repeatable), e.g. a diagnosis of the figures")
     return parser.parse_args(argv)
 
 
@@ -372,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"FAILED: {exc}")
         (args.out / f"{args.name}-failed.json").write_text(json.dumps({"failure": str(exc)}))
         return 1
-    found = write(summary, args.out, args.name)
+    found = write(summary, args.out, args.name, args.note)
     for line in abuse_report.summary_lines(summary):
         say(line)
     for finding in found:
