@@ -342,6 +342,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=HERE / "results", help="results folder")
     add("--name", default="abuse", help="results file names: <name>.json|md|png")
     add("--logs", type=Path, default=None, help="server and client logs (default: a temp dir)")
+    add("--report-only", action="store_true",
+        help="measure nothing: rewrite <name>.md and .png (and the findings) from <name>.json")
     add("--note", action="append", default=[],
         help="a finding to add to the report (repeatable), e.g. a diagnosis of the figures")
     return parser.parse_args(argv)
@@ -364,6 +366,12 @@ def settings_of(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the soak, write and print its figures."""
     args = parse_args(argv)
+    if args.report_only:
+        summary = json.loads((args.out / f"{args.name}.json").read_text())
+        summary.pop("findings", None)
+        for finding in write(summary, args.out, args.name, args.note):
+            say(f"FINDING: {finding}")
+        return 0 if summary["ok"] else 1
     settings = settings_of(args)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="abuse-soak-"))
     bench = Bench(SMOKE, args.out, logs, prepare(args.out, logs))
