@@ -184,7 +184,9 @@ def summarize(
         abusers: The abusers' result.
         metrics: Parsed ``/metrics`` at ``start``, ``unabused_end``, ``abused_end``, ``settled``.
         rss_samples: The server's ``(t, cpu %, rss bytes)`` samples over the whole soak.
-        phases: Phase name -> (start, end) wall times.
+        phases: Phase name -> (start, end) wall times: ``unabused``, ``abused`` and, when
+            known, ``abuse`` (while the abusers ran, inside ``abused``), which the abused
+            peak and the RSS slope are taken over.
         machine: Load averages and other processes' CPU.
         server_exit: The server's exit code (None: never stopped).
         failures: What could not run.
@@ -197,7 +199,7 @@ def summarize(
     sockets = queue_sockets(abusers.get("counts", {}), int(budgets["max_connections_per_user"]))
     ceiling = rss_ceiling(base, budgets, sockets)
     rss_max = max((mib for _, mib in curve), default=0.0)
-    abused_s = [t - origin for t in phases["abused"]]
+    abused_s = [t - origin for t in phases.get("abuse", phases["abused"])]
     slope = rss_slope(curve, (abused_s[0] + abused_s[1]) / 2, abused_s[1])
     long_enough = abused_s[1] - abused_s[0] >= FLAT_AFTER_S
     kinds = [kind for kind, count in abusers.get("counts", {}).items() if count]

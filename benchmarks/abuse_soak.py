@@ -242,6 +242,8 @@ class Soak:
         self.phases["abused"] = (began, time.time())
         self.metrics["abused_end"] = read_metrics(server.url)
         abusers: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+        if "started" in abusers:
+            self.phases["abuse"] = (abusers["started"], abusers["ended"])
         if not abusers:
             self.failures.append(f"the abusers wrote no result (exit {proc.returncode}); see "
                                  f"{self.bench.logs / 'abusers.log'}")
@@ -286,9 +288,13 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     top.plot([p[0] for p in rss["curve"]], [p[1] for p in rss["curve"]], label="server RSS")
     top.axhline(rss["ceiling_mib"], color="red", linestyle="--", label="ceiling")
+    colors = {"unabused": "tab:green", "abused": "tab:orange", "abuse": "tab:red"}
     for name, (start, end) in rss["phases_s"].items():
-        color = "tab:orange" if name == "abused" else "tab:green"
-        top.axvspan(start, end, alpha=0.1, color=color, label=name)
+        color = colors.get(name, "tab:gray")
+        label = "abusers at work" if name == "abuse" else f"{name} phase"
+        top.axvspan(start, end, alpha=0.1, color=color, label=label)
+        if name not in summary["normal"]:
+            continue
         series = summary["normal"][name]["p99_by_interval_ms"]
         offset = start + settings["warmup_s"]
         bottom.plot([offset + t for t, _ in series], [ms for _, ms in series], marker=".",

@@ -179,3 +179,13 @@ def test_the_page_and_the_lines_carry_the_figures() -> None:
     assert "p99 ratio 1.5" in lines
     assert "violations 0 + 0" in lines
     assert "close_1009 1" in lines
+
+
+def test_the_abusers_own_window_is_where_the_abused_peak_and_slope_are_taken() -> None:
+    rising_then_flat = [(100.0 + t, 0.0, min(60 + max(t - 150, 0), 200) * 2**20)
+                        for t in range(0, 400, 2)]
+    phases = {"unabused": (100.0, 200.0), "abused": (200.0, 500.0), "abuse": (240.0, 330.0)}
+    got = summary(rss_samples=rising_then_flat, phases=phases)
+    assert got["rss"]["phases_s"]["abuse"] == [140.0, 230.0]
+    assert got["rss"]["abused_peak_mib"] == 140.0  # at 230 s, the abusers' end
+    assert got["rss"]["slope_second_half_mib_per_min"] == pytest.approx(60.0, abs=1)
