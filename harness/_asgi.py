@@ -118,6 +118,9 @@ class _Connection:
             log.exception("socket handler crashed user_id=%s run_ids=%s", self.user_id,
                           ",".join(self.queue.run_ids()) or "-")
             self.close(CLOSE_INTERNAL, "internal error")
+            with (anyio.move_on_after(self.service.config.close_timeout_s),
+                  contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect)):
+                await self.websocket.close(CLOSE_INTERNAL, "internal error")  # the close frame
 
     async def _reader(self) -> None:
         """Hands each whole message to the session, until the WebSocket layer ends reading.
@@ -316,8 +319,7 @@ class ChatService:
         self._schedule_token_expiry(connection)
 
     def _forget(self, connection: _Connection) -> None:
-        if connection not in self.connections:
-            return
+        """Once, when the socket's task is done (it was added by ``_opened``)."""
         self.connections.discard(connection)
         self.ops.connections -= 1
         self.ops.count_close(connection.queue.close_code or CLOSE_ABNORMAL)

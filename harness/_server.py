@@ -372,8 +372,7 @@ class ChatServer:
         s.scope.cancel()
 
     def _forget(self, s: _Socket) -> None:
-        if s not in self.sockets:
-            return
+        """Once, when the socket's task is done (it was added by ``_opened``)."""
         self.sockets.discard(s)
         self.ops.connections -= 1
         self.ops.count_close(s.queue.close_code or CLOSE_ABNORMAL)

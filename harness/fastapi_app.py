@@ -171,7 +171,7 @@ def create_app(
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     text = _FIXED_TEXTS.get(exc.status_code)
-    if text is None:
+    if text is None:  # pragma: no cover - the routes raise no other HTTPException
         return await http_exception_handler(request, exc)
     answer = plain(exc.status_code, text)
     answer.headers.update(exc.headers or {})  # a 405 names the allowed methods

@@ -70,6 +70,13 @@ async def test_head_on_a_route_is_405_too(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_get_ws_that_is_not_an_upgrade_is_426(kind: str) -> None:
+    async with open_server(kind) as server:
+        status, _, body = await exchange(server, request("GET", f"/ws?token={token('alice')}"))
+    assert (status, body) == (426, b"upgrade required: this endpoint speaks WebSocket\n")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_any_other_path_is_404_with_the_fixed_text_for_any_method(kind: str) -> None:
     async with open_server(kind) as server:
         for path in ("/", "/nope", "/ws/x", "/healthz/"):
