@@ -156,7 +156,7 @@ class ChatServer:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno not in _FD_EXHAUSTED:
+                if exc.errno not in _FD_EXHAUSTED:  # pragma: no cover - ECONNABORTED, EPERM, ...
                     log.info("accept failed: %s", exc)
                     continue
                 if not self._evict_oldest_pending():
@@ -313,7 +313,7 @@ class ChatServer:
     async def _read(self, s: _Socket) -> None:
         try:
             data = s.sock.recv(_RECV_BYTES)
-        except BlockingIOError:
+        except BlockingIOError:  # pragma: no cover - a spurious readiness: read again later
             return
         except OSError:
             data = b""
@@ -333,7 +333,7 @@ class ChatServer:
             if isinstance(item, Message):
                 if s.queue.close_code is None:
                     await s.session.handle(item.text)
-            elif isinstance(item, Closed):
+            elif isinstance(item, Closed):  # pragma: no branch - the only other kind
                 self._peer_closing(s, item)
         if s.ws.closed and not s.out:
             s.finished = True
@@ -467,7 +467,7 @@ class ChatServer:
                 await trio.lowlevel.wait_writable(s.sock)
                 try:
                     sent = s.sock.send(s.out)
-                except BlockingIOError:
+                except BlockingIOError:  # pragma: no cover - a spurious readiness
                     continue
                 self._wrote(s, sent)
         except (OSError, trio.ClosedResourceError):
@@ -541,7 +541,7 @@ async def _read_request(sock: socket.socket) -> tuple[RequestReader, Request | N
         await trio.lowlevel.wait_readable(sock)
         try:
             data = sock.recv(_RECV_BYTES)
-        except BlockingIOError:
+        except BlockingIOError:  # pragma: no cover - a spurious readiness: read again later
             continue
         except OSError:
             return reader, None
@@ -584,11 +584,9 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return lsock
 
 
-def _label(address: Any) -> str:
-    try:
-        return f"{address[0]}:{address[1]}"
-    except (TypeError, IndexError):
-        return str(address)
+def _label(address: tuple[Any, ...]) -> str:
+    """``host:port`` of an IPv4 or IPv6 peer (the only families the listener binds)."""
+    return f"{address[0]}:{address[1]}"
 
 
 async def serve(

@@ -209,3 +209,31 @@ async def test_a_socket_whose_handling_fails_is_closed_1011_and_only_it() -> Non
         assert check_run(await bystander.run_events(running["run_id"]))["status"] == "succeeded"
         async with connect(server, "alice") as again:  # the failed socket's slot is free
             await again.assert_usable()
+
+
+# ============================================================ cancelled, not stopped
+async def test_cancelling_serve_ends_it_promptly_and_drops_its_sockets() -> None:
+    """``serve`` runs until ``stop`` is set *or the caller cancels*: cancelled, it returns
+    at once (no graceful drain) and its sockets end."""
+    config = Config(auth_secret=SECRET, shutdown_grace_s=2.0)
+    serving = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def run_server(task_status: trio.TaskStatus[int]) -> None:
+        with serving:
+            await serve(config, host=HOST, port=0, agents=demo_agents(), task_status=task_status)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        server = Server(await nursery.start(run_server), config)
+        async with connect(server, "alice") as client:
+            accepted = await client.start(context=scripted(tools=0, tokens=1000, delay_ms=10))
+            await client.events_until(accepted["run_id"], lambda e: e["type"] == "agent_started")
+            cancelled_at = trio.current_time()
+            serving.cancel()
+            with trio.fail_after(TIMEOUT):
+                await stopped.wait()
+                code, _ = await client.until_closed()
+    assert trio.current_time() - cancelled_at < config.shutdown_grace_s
+    assert code != 1000
+
