@@ -249,17 +249,16 @@ class _Credentials:
             return None
         return self.exp - refresh_margin(self.lifetime_s, self.margin_s)
 
-    async def renew(self) -> str:
-        """Asks the provider for a new token and makes it the newest.
+    async def renew(self, provider: TokenProvider) -> str:
+        """Asks ``provider`` (the chat's ``token_provider``) for a new token and makes it the
+        newest.
 
         Raises:
-            _TokenUnavailable: no provider, it raised, or it returned no unexpired token of
-                the same user (``sub``).
+            _TokenUnavailable: the provider raised, or returned no unexpired token of the same
+                user (``sub``).
         """
-        if self.provider is None:
-            raise _TokenUnavailable("no token_provider")
         try:
-            token = self.provider()
+            token = provider()
             if inspect.isawaitable(token):
                 token = await token
         except Exception as exc:
@@ -317,7 +316,8 @@ class _Link(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
-    async def wait_send_all_might_not_block(self) -> None:
+    # trio.abc.Stream requires it; trio-websocket never calls it (so: no cover).
+    async def wait_send_all_might_not_block(self) -> None:  # pragma: no cover
         await self.stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -455,7 +455,8 @@ class Chat:
         self._by_request[request_id] = run
         try:
             await self._send(run.start_frame)
-            async for item in receive:
+            while True:  # the channel is never closed: a run ends with its terminal event
+                item = await receive.receive()
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -608,7 +609,7 @@ class Chat:
         if due is None or now < due:
             return creds.token
         if creds.provider is not None:
-            return await creds.renew()
+            return await creds.renew(creds.provider)
         if creds.exp is not None and now >= creds.exp:
             raise _GiveUp("token expired and no token_provider to renew it")
         return creds.token
@@ -623,7 +624,7 @@ class Chat:
         while creds.provider is not None and (due := creds.refresh_at()) is not None:
             await trio.sleep(max(0.0, due - time.time()))
             try:
-                token = await creds.renew()
+                token = await creds.renew(creds.provider)
             except _TokenUnavailable as exc:
                 log.warning("%s: %s; the server will close the socket at exp",
                             self._endpoint.url, exc)
