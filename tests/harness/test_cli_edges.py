@@ -1,0 +1,81 @@
+"""``python -m harness`` at its edges: commands that need a secret and have none, a setting
+that is not valid (exit 2, a message naming it), and a server on an IPv6 address, whose first
+stdout line writes the address in brackets (a URL a client can use as it is)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from typing import Final
+
+import pytest
+import trio
+import trio_websocket
+
+from harness._cli import main
+from tests.harness._support import (
+    LISTENING,
+    REPO,
+    SECRET,
+    TIMEOUT,
+    serve_command,
+    server_env,
+    token,
+)
+
+KINDS: Final = ("trio", "fastapi")
+
+
+@pytest.mark.parametrize("argv", [["token", "alice"], ["chat", "hello"]])
+def test_a_command_that_needs_the_secret_exits_2_without_it(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("REGISTRY_AUTH_SECRET", raising=False)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: set REGISTRY_AUTH_SECRET")
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--max-connections-per-user", "0"],
+    ["token", "alice", "--max-connections-per-user", "0"],
+])
+def test_an_invalid_setting_exits_2_naming_it(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("REGISTRY_AUTH_SECRET", SECRET)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and "max_connections_per_user" in err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_on_ipv6_announces_a_bracketed_url_that_works(kind: str) -> None:
+    command = [arg if arg != "127.0.0.1" else "::1" for arg in serve_command(kind=kind)]
+    proc = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
+        env=server_env(REGISTRY_AUTH_SECRET=SECRET))
+    try:
+        assert proc.stdout is not None
+        line = b""
+        with trio.fail_after(TIMEOUT):
+            while b"\n" not in line:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, line
+                line += chunk
+        match = LISTENING.fullmatch(line.decode().rstrip("\n"))
+        assert match is not None and match["host"] == "[::1]", line
+        url = f"ws://[::1]:{match['port']}/ws?token={token('alice')}"
+        async with trio_websocket.open_websocket_url(url, connect_timeout=TIMEOUT) as ws:
+            await ws.send_message(json.dumps({"type": "ping", "id": "v6"}))
+            assert json.loads(await ws.get_message()) == {"type": "pong", "id": "v6"}
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(TIMEOUT):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
