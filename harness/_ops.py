@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import itertools
 import json
 import math
 import time
@@ -95,7 +94,9 @@ class HeapKeeper:
         freeze_startup_heap()
         baseline, audited_at = gc.get_freeze_count(), time.monotonic()
         task_status.started()
-        for freezes in itertools.count(1):
+        freezes = 0
+        while True:
+            freezes += 1
             await anyio.sleep(self.freeze_every_s)
             gc.freeze()
             if freezes % self.check_every or time.monotonic() - audited_at < self.audit_every_s:

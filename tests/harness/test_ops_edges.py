@@ -1,0 +1,74 @@
+"""The operations surface's own parts: the heap keeper's audit, the latency sampler's bound
+on one interval, and token minting's refusal of an empty user."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from harness import mint_token
+from harness._ops import _MAX_INTERVAL_SAMPLES, LATENCY_BUCKETS, HeapKeeper, _Latency
+
+
+@pytest.fixture
+def no_automatic_collection() -> Iterator[None]:
+    """Only explicit collections run (the test decides when garbage may go)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class Node:
+    """A tracked object that can refer to itself."""
+
+    me: object = None
+
+
+@pytest.mark.usefixtures("no_automatic_collection")
+async def test_the_audit_collects_a_cycle_that_was_frozen(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Frozen objects are out of the collector's sight: a reference cycle among them stays.
+    Once the frozen population has grown enough, the audit unfreezes and collects once."""
+    keeper = HeapKeeper(freeze_every_s=1.0, audit_growth=1.0, audit_every_s=0.0, check_every=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.serve)
+        cycle = Node()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        hoard = [[index] for index in range(1000)]  # the frozen population grows
+        await trio.sleep(1.5)  # the first freeze: the cycle is frozen, no audit yet
+        gc.collect()
+        assert gone() is not None
+        assert keeper.audits == 0
+        await trio.sleep(1.0)  # the second: an audit
+        assert gone() is None
+        assert keeper.audits == 1
+        nursery.cancel_scope.cancel()
+    assert len(hoard) == 1000
+    gc.unfreeze()
+
+
+def test_one_interval_keeps_a_bounded_sample_but_counts_everything() -> None:
+    latency = _Latency()
+    stamps = [100.0] * (_MAX_INTERVAL_SAMPLES + 10)
+    latency.observe(stamps, now=100.001)
+    assert latency.count == _MAX_INTERVAL_SAMPLES + 10
+    assert len(latency.take_interval()) == _MAX_INTERVAL_SAMPLES
+    assert latency.take_interval() == []
+    cumulative = dict(latency.cumulative())
+    assert cumulative["+Inf"] == _MAX_INTERVAL_SAMPLES + 10
+    assert cumulative[repr(LATENCY_BUCKETS[0])] == 0
+
+
+def test_a_token_needs_a_user() -> None:
+    with pytest.raises(ValueError, match="user_id"):
+        mint_token("secret" * 8, "")
