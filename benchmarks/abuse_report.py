@@ -261,6 +261,7 @@ def summarize(
             "probes": abusers.get("probes", []),
             "examples": abusers.get("tally", {}).get("examples", []),
             "cpu_percent": abusers.get("cpu_percent"),
+            "plan": abusers.get("plan", {}),
         },
         "server_metrics": server_side,
         "connections_after": {
@@ -371,6 +372,8 @@ def markdown(summary: Mapping[str, Any], findings: Sequence[str] = ()) -> str:
         lines.append(f"| {kind} | {abuse['counts'].get(kind)} | {outcomes or '-'} | {state} |")
     lines += [
         "",
+        _abusers_plan(abuse.get("plan") or {}),
+        "",
         "Totals: " + ", ".join(f"{k} {v}" for k, v in abuse["headline"].items()) + ".",
         f"Server side over the abused phase: closes {_server(summary, 'closes')}, error frames "
         f"{_server(summary, 'errors')}.",
@@ -389,6 +392,23 @@ def markdown(summary: Mapping[str, Any], findings: Sequence[str] = ()) -> str:
     if findings:
         lines += ["", "## Findings", "", *[f"- {f}" for f in findings]]
     return "\n".join(lines) + "\n"
+
+
+def _abusers_plan(plan: Mapping[str, Any]) -> str:
+    """One sentence on how hard the abusers pushed (empty without their plan)."""
+    if not plan:
+        return ""
+    return (
+        f"Abusers' settings: floods of {plan.get('flood_messages')} messages at "
+        f"{plan.get('flood_rate')}/s (pings carry a 1,000-character id), then "
+        f"{plan.get('hold_s')} s more without reading; WebSocket pings at "
+        f"{plan.get('ws_ping_rate')}/s for {plan.get('ws_ping_s')} s; non-readers start "
+        f"{plan.get('nonreader_runs')} runs of {plan.get('nonreader_context')} and stop reading "
+        f"for {plan.get('hold_s')} s; slowloris sends a byte every {plan.get('trickle_s')} s; "
+        f"a probe of max_pending_handshakes + {plan.get('probe_extra')} connections every "
+        f"{plan.get('probe_every_s')} s; churn {plan.get('churn_per_s')} connections/s. "
+        "Sockets that stop reading keep a 64 KiB receive buffer."
+    )
 
 
 def _server(summary: Mapping[str, Any], what: str) -> str:
