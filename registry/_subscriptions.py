@@ -9,6 +9,7 @@ through its own cursor) or any other :class:`~registry.Subscriber` (handed each 
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ class SubscriptionsAPI(abc.ABC):
 
     _shared: SharedState | None
     _tg: anyio.abc.TaskGroup
-    _detached: DeadlineQueue[tuple[Run, int]]
+    _detached: DeadlineQueue[tuple[weakref.ref[Run], int]]
 
     @abc.abstractmethod
     def _end(self, run: Run, trigger: Trigger, payload: Mapping[str, Any] | None = None, *,
@@ -127,14 +128,19 @@ class SubscriptionsAPI(abc.ABC):
         if run._mirror:
             self.drop_mirror(run)
         elif run.is_active:
-            self._detached.push((run, run._detach_generation))
+            self._detached.push((weakref.ref(run), run._detach_generation))
 
-    def _detach_due(self, item: tuple[Run, int]) -> None:
+    def _detach_due(self, item: tuple[weakref.ref[Run], int]) -> None:
         """Cancels the run unless it was subscribed again since its timer started.
 
-        In a service, a socket on another node following the run counts too.
+        The timer holds the run weakly: a run that ended and was dropped meanwhile (by a
+        retention bound) is freed at once, not when its timer is due. In a service, a
+        socket on another node following the run counts too.
         """
-        run, generation = item
+        ref, generation = item
+        run = ref()
+        if run is None or not run.is_active:
+            return
         if run._detach_generation == generation and not self.manager.has_subscribers(run.run_id):
             if self._shared is None:
                 self._end(run, Trigger.DETACH)
@@ -143,7 +149,7 @@ class SubscriptionsAPI(abc.ABC):
 
     async def _detach_unless_followed(self, run: Run, generation: int) -> None:
         if await self.followed_elsewhere(run):
-            self._detached.push((run, run._detach_generation))
+            self._detached.push((weakref.ref(run), run._detach_generation))
         elif run._detach_generation == generation:
             self._end(run, Trigger.DETACH)
 

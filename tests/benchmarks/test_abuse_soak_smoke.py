@@ -24,10 +24,10 @@ SMOKE_ARGS = [
     "--abusers-args", "--probe-every-s 8 --probe-extra 10 --flood-messages 20000 "
     "--flood-rate 20000 --ws-ping-s 1 --ws-ping-rate 5000 --hold-s 2 --churn-per-s 10",
 ]
-WS_PING_FINDING = (
-    "finding: the pongs a server owes to WebSocket pings are outside max_queued_mib, so a "
-    "ping flood on a socket that does not read is never closed with 4008"
-)
+#: A WebSocket ping flood is left out of the verdicts: the server now counts the pongs it
+#: owes against max_queued_mib (tests/harness/test_abuse.py closes such a flooder 4008 on
+#: every server), but here the kernel's socket buffers absorb the toy flood's pongs first,
+#: so whether the bound fires depends on the machine, not on the server.
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +60,6 @@ def test_each_abuse_gets_the_answer_the_protocol_promises(
 ) -> None:
     verdict = soak["abuse"]["verdict"][kind]
     assert verdict["ok"], (verdict, soak["abuse"]["examples"])
-
-
-@pytest.mark.xfail(strict=True, reason=WS_PING_FINDING)
-def test_a_websocket_ping_flood_that_does_not_read_is_closed_with_4008(
-    soak: dict[str, Any]
-) -> None:
-    assert soak["abuse"]["verdict"][at.WS_PING_FLOOD]["ok"]
 
 
 def test_pending_handshakes_stay_within_their_bound(soak: dict[str, Any]) -> None:

@@ -220,6 +220,28 @@ async def test_a_run_dropped_by_max_retained_mib_is_freed_at_once() -> None:
     assert len(alive) == 1, f"{len(alive)} runs in memory, 1 retained"
 
 
+async def test_a_detached_run_dropped_by_max_retained_mib_is_freed_before_its_detach_timer(
+) -> None:
+    """Its follower left while it ran (so a detach timer was started), it ended, and the
+    budget dropped it: the timer does not keep it, its stream and events alive (a client
+    closed 4008 again and again would otherwise pin ``detached_run_timeout_s`` of runs)."""
+    async with registry(max_retained_mib=0.5, retention_s=3600,
+                        detached_run_timeout_s=3600) as reg:
+        runs = Runs(reg)
+        refs = []
+        for _ in range(5):
+            run, sub = runs.start("big")  # ~400 KB of events
+            reg.disconnect(sub)  # nobody follows it any more: its detach timer starts
+            await run.wait_done()
+            refs.append(weakref.ref(run))
+            del run, sub
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert reg.statistics().retained_runs == 1
+        alive = [ref for ref in refs if ref() is not None]
+        assert len(alive) == 1, f"{len(alive)} runs in memory, 1 retained"
+
+
 async def test_runs_expired_after_retention_s_are_freed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
