@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from typing import Final
 
@@ -79,3 +80,19 @@ async def test_a_server_on_ipv6_announces_a_bracketed_url_that_works(kind: str) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_port_in_use_stops_the_server_at_start_without_announcing_it(kind: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [*serve_command(kind=kind), "--port", str(port)]  # the last --port wins
+        with trio.fail_after(TIMEOUT):
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
+                                          check=False, cwd=REPO,
+                                          env=server_env(REGISTRY_AUTH_SECRET=SECRET))
+    assert done.returncode != 0
+    assert done.stdout == b""  # never "listening on ..."
+    assert b"Address already in use" in done.stderr
