@@ -10,6 +10,7 @@ service runs on anyio, here on trio; what each test checks is what the ASGI serv
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from starlette.websockets import WebSocket
 from harness import demo_agents
 from harness._asgi import ChatService, open_chat_service
 from harness._session import ChatSession
+from harness._uvicorn import _redact_tokens
 from harness.fastapi_app import create_app, registry_lifespan, service_of
 from registry import Config
 from tests.harness._support import SECRET, TIMEOUT, token
@@ -214,3 +216,20 @@ async def test_a_socket_whose_handling_fails_is_closed_1011() -> None:
         assert (close["type"], close["code"]) == ("websocket.close", 1011)
         await accepted(service, nursery, FakeSocket())  # its slot is free again
         nursery.cancel_scope.cancel()
+
+
+# ======================================================================= logging
+def test_uvicorn_log_records_carry_no_token() -> None:
+    """uvicorn logs each handshake's path with its query string; the filter the port adds
+    to ``uvicorn.error`` blanks a ``token`` parameter and leaves the rest of the record."""
+    jwt = token("alice")
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1,
+                               '%s - "WebSocket %s" %d', ("127.0.0.1:5", f"/ws?a=1&token={jwt}",
+                                                         403), None)
+    assert _redact_tokens(record)
+    assert jwt not in record.getMessage()
+    assert record.getMessage() == '127.0.0.1:5 - "WebSocket /ws?a=1&token=<redacted>" 403'
+    mapping = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%(path)s",
+                                ({"path": "/ws"},), None)
+    assert _redact_tokens(mapping)
+    assert mapping.getMessage() == "/ws"

@@ -10,6 +10,7 @@ from typing import Final
 
 import pytest
 import trio
+import wsproto.events as wse
 
 from tests.harness._support import (
     HOST,
@@ -124,3 +125,25 @@ async def test_a_4008_reader_back_after_close_timeout_finds_the_connection_dropp
     assert last is None, f"expected the TCP connection gone, got {last}"
     if frames:  # what was already in the kernel buffers when the connection was dropped
         check_prefix(frames)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_peer_that_closes_and_then_reads_nothing_is_dropped_in_bounded_time(
+    kind: str,
+) -> None:
+    """The peer's close frame comes while the server still owes it a flood of events, and the
+    peer reads nothing more: the server gives the close ``close_timeout_s`` (a real clock,
+    hence the real pause), then ends TCP. What the peer finds is its run_accepted and a
+    gap-free prefix of the run (possibly empty: it closed right after starting it)."""
+    async with open_server(kind, close_timeout_s=1.0) as server:
+        slow = await raw_slow_client(server, "slow")
+        async with slow.stream:
+            await start_flood(slow)
+            await slow.send(wse.CloseConnection(code=1000))
+            await trio.sleep(3.0)
+            frames, last = await read_to_the_end(slow)
+            if last is not None:  # the server's close reply made it out: then TCP ends
+                assert isinstance(last, wse.CloseConnection), last
+                assert await slow.next_event() is None
+    assert frames[0]["type"] == "run_accepted"
+    assert [e["seq"] for e in frames[1:]] == list(range(1, len(frames)))  # what was owed
