@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio_websocket
 
+from harness import mint_token
 from harness._cli import main
 from tests.harness._support import (
     LISTENING,
@@ -96,3 +97,40 @@ async def test_a_port_in_use_stops_the_server_at_start_without_announcing_it(kin
     assert done.returncode != 0
     assert done.stdout == b""  # never "listening on ..."
     assert b"Address already in use" in done.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_dev_mode_prints_the_random_secret_it_serves_with(kind: str) -> None:
+    proc = await trio.lowlevel.open_process(
+        [*serve_command(kind=kind), "--dev"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=server_env())
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        with trio.fail_after(TIMEOUT):
+            printed = await _line(proc.stderr)
+            listening = await _line(proc.stdout)
+        assert printed.startswith("dev auth secret: ")
+        secret = printed.removeprefix("dev auth secret: ")
+        match = LISTENING.fullmatch(listening)
+        assert match is not None, listening
+        dev_token = mint_token(secret, "alice")
+        url = f"ws://127.0.0.1:{match['port']}/ws?token={dev_token}"
+        async with trio_websocket.open_websocket_url(url, connect_timeout=TIMEOUT) as ws:
+            await ws.send_message(json.dumps({"type": "ping", "id": "dev"}))
+            assert json.loads(await ws.get_message()) == {"type": "pong", "id": "dev"}
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(TIMEOUT):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _line(stream: trio.abc.ReceiveStream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        byte = await stream.receive_some(1)
+        assert byte, data
+        data += byte
+    return data.decode().rstrip("\n")
