@@ -62,25 +62,13 @@ async def test_a_server_on_ipv6_announces_a_bracketed_url_that_works(kind: str) 
         env=server_env(REGISTRY_AUTH_SECRET=SECRET))
     try:
         assert proc.stdout is not None
-        line = b""
         with trio.fail_after(TIMEOUT):
-            while b"\n" not in line:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, line
-                line += chunk
-        match = LISTENING.fullmatch(line.decode().rstrip("\n"))
+            line = await _line(proc.stdout)
+        match = LISTENING.fullmatch(line)
         assert match is not None and match["host"] == "[::1]", line
-        url = f"ws://[::1]:{match['port']}/ws?token={token('alice')}"
-        async with trio_websocket.open_websocket_url(url, connect_timeout=TIMEOUT) as ws:
-            await ws.send_message(json.dumps({"type": "ping", "id": "v6"}))
-            assert json.loads(await ws.get_message()) == {"type": "pong", "id": "v6"}
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(TIMEOUT):
-            assert await proc.wait() == 0
+        await _ping_then_stop(proc, f"ws://[::1]:{match['port']}/ws?token={token('alice')}")
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _reap(proc)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,17 +102,9 @@ async def test_dev_mode_prints_the_random_secret_it_serves_with(kind: str) -> No
         match = LISTENING.fullmatch(listening)
         assert match is not None, listening
         dev_token = mint_token(secret, "alice")
-        url = f"ws://127.0.0.1:{match['port']}/ws?token={dev_token}"
-        async with trio_websocket.open_websocket_url(url, connect_timeout=TIMEOUT) as ws:
-            await ws.send_message(json.dumps({"type": "ping", "id": "dev"}))
-            assert json.loads(await ws.get_message()) == {"type": "pong", "id": "dev"}
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(TIMEOUT):
-            assert await proc.wait() == 0
+        await _ping_then_stop(proc, f"ws://127.0.0.1:{match['port']}/ws?token={dev_token}")
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _reap(proc)
 
 
 async def _line(stream: trio.abc.ReceiveStream) -> str:
@@ -134,3 +114,20 @@ async def _line(stream: trio.abc.ReceiveStream) -> str:
         assert byte, data
         data += byte
     return data.decode().rstrip("\n")
+
+
+async def _ping_then_stop(proc: trio.Process, url: str) -> None:
+    """A ping over ``url`` gets its pong; then SIGTERM, and the server exits 0."""
+    async with trio_websocket.open_websocket_url(url, connect_timeout=TIMEOUT) as ws:
+        await ws.send_message(json.dumps({"type": "ping", "id": "p"}))
+        assert json.loads(await ws.get_message()) == {"type": "pong", "id": "p"}
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(TIMEOUT):
+        assert await proc.wait() == 0
+
+
+async def _reap(proc: trio.Process) -> None:
+    """Kills the server if a failed test left it running."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
