@@ -45,6 +45,7 @@ from registry import (
     WebSocketNotifier,
     open_registry,
 )
+from tests.harness._support import first_line, reap
 
 REPO: Final = Path(__file__).resolve().parents[1]
 GUIDE: Final = REPO / "docs" / "MIGRATION.md"
@@ -108,25 +109,11 @@ async def backend(module: str, *flags: str, **env: str) -> AsyncIterator[Backend
         [sys.executable, "-m", module, "--port", "0", *flags], cwd=REPO, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        match = LISTENING.fullmatch(await _first_line(process))
+        match = LISTENING.fullmatch(await first_line(process))
         assert match is not None, "the backend did not print where it listens"
         yield Backend(int(match["port"]), process)
     finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.move_on_after(TIMEOUT):
-            await process.wait()
-
-
-async def _first_line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    data = b""
-    with trio.fail_after(TIMEOUT):
-        while b"\n" not in data:
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"the backend exited before printing a line ({data!r})"
-            data += chunk
-    return data.split(b"\n", 1)[0].decode().rstrip("\r")
+        await reap(process)
 
 
 async def stop(server: Backend) -> int | None:

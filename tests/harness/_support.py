@@ -686,24 +686,30 @@ async def server_process(
         serve_command(*flags, kind=kind), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         cwd=REPO, env=dict(env) if env is not None else server_env(REGISTRY_AUTH_SECRET=SECRET))
     try:
-        port = _listening_port(await _first_line(proc))
+        port = _listening_port(await first_line(proc))
         yield proc, Server(port, process=proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.move_on_after(TIMEOUT):
-            await proc.wait()
+        await reap(proc)
 
 
-async def _first_line(proc: trio.Process) -> str:
+async def first_line(proc: trio.Process) -> str:
+    """The process's first stdout line (without its end), within :data:`TIMEOUT`."""
     assert proc.stdout is not None
     data = b""
     with trio.fail_after(TIMEOUT):
         while b"\n" not in data:
             chunk = await proc.stdout.receive_some()
-            assert chunk, f"server exited before printing a line (got {data!r})"
+            assert chunk, f"the process exited before printing a line (got {data!r})"
             data += chunk
     return data.split(b"\n", 1)[0].decode().rstrip("\r")
+
+
+async def reap(proc: trio.Process) -> None:
+    """Kills a process a test left running, and waits (bounded) for it to go."""
+    if proc.returncode is None:
+        proc.kill()
+    with trio.move_on_after(TIMEOUT):
+        await proc.wait()
 
 
 async def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[

@@ -28,11 +28,12 @@ from tests.harness._support import (
     LISTENING,
     REPO,
     SECRET,
-    TIMEOUT,
     Client,
     Server,
     check_run,
     connect,
+    first_line,
+    reap,
     scripted,
     server_env,
     token,
@@ -101,27 +102,13 @@ async def limited_server(limit: int, value: int, *flags: str) -> AsyncIterator[L
             env=server_env(REGISTRY_AUTH_SECRET=SECRET), preexec_fn=apply_limit)
         limited = None
         try:
-            line = await _first_line(proc)
+            line = await first_line(proc)
             match = LISTENING.fullmatch(line)
             assert match is not None, f"first stdout line is {line!r}; stderr: {stderr.read()!r}"
             limited = Limited(proc, Server(int(match["port"])), stderr)
             yield limited
         finally:
-            if proc.returncode is None:
-                proc.kill()
-            with trio.move_on_after(TIMEOUT):
-                await proc.wait()
-
-
-async def _first_line(proc: trio.Process) -> str:
-    assert proc.stdout is not None
-    data = b""
-    with trio.fail_after(TIMEOUT):
-        while b"\n" not in data:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, f"the server exited before listening (got {data!r})"
-            data += chunk
-    return data.split(b"\n", 1)[0].decode().rstrip("\r")
+            await reap(proc)
 
 
 async def victim_run(server: Server, user: str = "victim") -> float:

@@ -21,6 +21,7 @@ from tests.harness._support import (
     REPO,
     SECRET,
     TIMEOUT,
+    reap,
     serve_command,
     server_env,
     token,
@@ -68,7 +69,7 @@ async def test_a_server_on_ipv6_announces_a_bracketed_url_that_works(kind: str) 
         assert match is not None and match["host"] == "[::1]", line
         await _ping_then_stop(proc, f"ws://[::1]:{match['port']}/ws?token={token('alice')}")
     finally:
-        await _reap(proc)
+        await reap(proc)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,7 +105,7 @@ async def test_dev_mode_prints_the_random_secret_it_serves_with(kind: str) -> No
         dev_token = mint_token(secret, "alice")
         await _ping_then_stop(proc, f"ws://127.0.0.1:{match['port']}/ws?token={dev_token}")
     finally:
-        await _reap(proc)
+        await reap(proc)
 
 
 async def _line(stream: trio.abc.ReceiveStream) -> str:
@@ -125,9 +126,3 @@ async def _ping_then_stop(proc: trio.Process, url: str) -> None:
     with trio.fail_after(TIMEOUT):
         assert await proc.wait() == 0
 
-
-async def _reap(proc: trio.Process) -> None:
-    """Kills the server if a failed test left it running."""
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()

@@ -28,6 +28,8 @@ from tests.harness._support import (
     Server,
     check_run,
     connect,
+    first_line,
+    reap,
     scripted,
     serve_command,
     server_env,
@@ -52,23 +54,15 @@ async def limited(kind: str, *flags: str) -> AsyncIterator[Server]:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
         env=server_env(REGISTRY_AUTH_SECRET=SECRET), preexec_fn=apply_limit)
     try:
-        assert proc.stdout is not None
-        line = b""
-        with trio.fail_after(TIMEOUT):
-            while b"\n" not in line:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"the server exited before listening ({line!r})"
-                line += chunk
-        match = LISTENING.fullmatch(line.split(b"\n")[0].decode())
+        line = await first_line(proc)
+        match = LISTENING.fullmatch(line)
         assert match is not None, line
         yield Server(int(match["port"]), process=proc)
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(GRACE_S + TIMEOUT / 3):
             assert await proc.wait() == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
 
 
 async def _run_one(client: Client) -> None:
