@@ -35,7 +35,7 @@ CLOSE_OVERFLOW: Final = 4008
 class _Cursor:
     """One connection's copy of one run: ``next`` to send; seqs >= ``live_from`` are live."""
 
-    __slots__ = ("counted", "live_from", "next", "stream")
+    __slots__ = ("counted", "dropped", "live_from", "next", "stream")
 
     def __init__(self, stream: RunStream, after_seq: int) -> None:
         self.stream = stream
@@ -43,6 +43,8 @@ class _Cursor:
         self.live_from = stream.last_seq + 1
         #: The newest seq the registry has announced (the log may hold no more for us yet).
         self.counted = stream.last_seq
+        #: The registry has dropped the run: the cursor ends once its last frame is taken.
+        self.dropped = False
 
     def pending(self) -> bool:
         return self.next <= self.counted
@@ -123,6 +125,30 @@ class OutboundQueue:
         self._ready.pop(run_id, None)
         for seq in range(max(cursor.next, cursor.live_from), cursor.counted + 1):
             self._uncount(len(cursor.stream.frame(seq)))
+
+    def drop_run(self, run_id: str) -> bool:
+        """The registry has dropped a run (a retention bound): what is still owed of it is sent.
+
+        The frames this connection has not yet taken stay with it, then it stops following
+        the run. Replayed frames still owed now count against the bounds like live ones
+        (nothing else holds them any more), so the queue may go over a bound.
+
+        Returns:
+            False when that took the queue over a bound: it is now closed with 4008.
+        """
+        cursor = self._cursors.get(run_id)
+        if cursor is None:
+            return self.close_code != CLOSE_OVERFLOW
+        if not cursor.pending():
+            self.unsubscribe(run_id)
+            return True
+        stream = cursor.stream
+        for seq in range(cursor.next, cursor.live_from):
+            self.queued += 1
+            self.queued_bytes += len(stream.frame(seq))
+        cursor.live_from = min(cursor.live_from, cursor.next)
+        cursor.dropped = True
+        return self._check_room()
 
     def on_append(self, run_id: str, last_seq: int) -> bool:
         """The run's log now ends at ``last_seq``: counts the new live events.
@@ -216,6 +242,8 @@ class OutboundQueue:
             self._uncount(len(frame))
         if cursor.pending():
             self._ready[run_id] = None  # back of the line: runs take turns
+        elif cursor.dropped:
+            del self._cursors[run_id]
         return frame
 
     def has_frames(self) -> bool:

@@ -78,7 +78,7 @@ class AgentExecutionRegistry(ClusterAPI, EmitAPI, SubscriptionsAPI, ServiceAPI,
             max_active_runs_per_user=config.max_active_runs_per_user,
             max_retained_runs_per_user=config.max_retained_runs_per_user)
         self._delivery = Delivery(config, self.manager, self._maybe_detached, self.disconnect)
-        self._retention = Retention(config, self._table, self.manager)
+        self._retention = Retention(config, self._table, self.manager, self.disconnect)
         self._detached = DeadlineQueue(config.detached_run_timeout_s, self._detach_due)
         self.pacer = Pacer()
         self._checkpoint_if_cancelled, self._schedule_point = checkpoints()

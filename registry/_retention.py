@@ -8,6 +8,7 @@ a new run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import final
 
 from registry._config import Config
@@ -28,12 +29,16 @@ class Retention:
     Args:
         config: ``retention_s`` and ``max_retained_mib``.
         table: Where runs are dropped from.
-        manager: Who follows a dropped run (unsubscribed).
+        manager: Who follows a dropped run (unsubscribed once sent what it is owed).
+        on_overflow: Called with a socket's queue that the frames still owed of a dropped
+            run took over its bounds (closed 4008).
     """
 
-    def __init__(self, config: Config, table: RunTable, manager: WebSocketManager) -> None:
+    def __init__(self, config: Config, table: RunTable, manager: WebSocketManager,
+                 on_overflow: Callable[[OutboundQueue], None]) -> None:
         self.table = table
         self.manager = manager
+        self.on_overflow = on_overflow
         #: Bytes of event frames held by every run of the registry (their streams add).
         self.held = HeldBytes()
         self.limit = int(config.max_retained_mib * 1024 * 1024)
@@ -72,12 +77,16 @@ class Retention:
             self.drop(run)
 
     def drop(self, run: Run) -> None:
-        """Forgets an ended run (idempotent: its timer may come after a bound dropped it)."""
+        """Forgets an ended run (idempotent: its timer may come after a bound dropped it).
+
+        A socket still sending the run's events keeps the frames it has not sent (they count
+        against its own bounds) and sends them through ``agent_completed``.
+        """
         if not self.table.drop(run):
             return
         self.held.bytes -= run.stream.held_bytes
         for connection in self.manager.forget_run(run.run_id):
-            if isinstance(connection, OutboundQueue):
-                connection.unsubscribe(run.run_id)
-            else:
+            if not isinstance(connection, OutboundQueue):
                 connection.detach(run.run_id)
+            elif not connection.drop_run(run.run_id):
+                self.on_overflow(connection)

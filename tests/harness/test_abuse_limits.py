@@ -183,11 +183,20 @@ async def _endless_big_tokens(server: Server) -> None:
     """Four users run scripted with 100000 tokens of 64 KB: two read, two never read.
 
     A reader closed with 4008 does what a client should: it reconnects and resumes, until it
-    has read 1000 events (64 MB) or the server says the events it missed are gone.
+    has read 1000 events (64 MB) or the server says the events it missed are gone. A sink
+    reads nothing until both readers are done (its run never stops, so by then its queue is
+    long over its bounds), then reads up to the close frame, which must be 4008.
     """
     context = scripted(tools=0, tokens=100_000, token_bytes=65_536)
+    readers_done = [trio.Event(), trio.Event()]
 
-    async def reader(user: str) -> None:
+    async def reader(user: str, done: trio.Event) -> None:
+        try:
+            await read_1000(user)
+        finally:
+            done.set()
+
+    async def read_1000(user: str) -> None:
         run_id, held = None, 0
         while held < 1000:
             async with connect(server, user) as client:
@@ -212,10 +221,13 @@ async def _endless_big_tokens(server: Server) -> None:
         async with raw_websocket(server, user, rcvbuf=4096) as raw:
             await raw.send_json({"type": "start_agent", "request_id": unique(),
                                  "agent": "scripted", "message": "m", "context": context})
+            for done in readers_done:
+                await done.wait()
             code, _ = await raw.until_close()
             assert code == 4008
 
-    await in_parallel(lambda: reader("reader1"), lambda: reader("reader2"),
+    await in_parallel(lambda: reader("reader1", readers_done[0]),
+                      lambda: reader("reader2", readers_done[1]),
                       lambda: non_reader("sink1"), lambda: non_reader("sink2"))
 
 

@@ -94,6 +94,7 @@ class RunModel:
     frames: dict[int, bytes] = field(default_factory=dict)  # seq -> bytes when emitted
     stamps: dict[int, float] = field(default_factory=dict)
     calls: int = 0
+    dropped: bool = False  # by a retention bound: not_found for the registry from then on
 
     @property
     def run_id(self) -> str:
@@ -107,6 +108,7 @@ class Copy:
     next: int
     live_from: int
     announced: int  # the newest seq the registry told the queue about
+    dropped: bool = False  # the run was dropped: the copy ends after its last frame
 
     def waiting_live(self) -> range:
         return range(max(self.next, self.live_from), self.announced + 1)
@@ -259,6 +261,8 @@ class OutboundMachine(RuleBasedStateMachine):
             assert obj["ts"] == self.runs[r].stamps[copy.next]
             assert stamps[len(order)] == self.runs[r].stamps[copy.next]
             copy.next += 1
+            if copy.dropped and copy.next > copy.announced and q.copies.get(r) is copy:
+                del q.copies[r]  # everything owed was sent: the queue follows it no more
             order.append(r)
         assert len(stamps) == len(order), "one ts per event frame, none for control frames"
         if sum(map(len, frames)) < max_bytes:
@@ -299,10 +303,13 @@ class OutboundMachine(RuleBasedStateMachine):
             self._emit(r, kind, pad)
             self._announce(r)
 
+    @precondition(lambda self: any(not run.dropped for run in self.runs))
     @rule(qi=st.integers(0, 2), r=st.integers(0, 2), data=st.data())
     def subscribe(self, qi: int, r: int, data: st.DataObject) -> None:
         """A start (after the last seq) or a resume, also of a run the connection follows."""
-        q, r = self._queue(qi), r % len(self.runs)
+        q = self._queue(qi)
+        kept = [i for i, run in enumerate(self.runs) if not run.dropped]
+        r = kept[r % len(kept)]
         stream = self.runs[r].stream
         lo, hi = stream.trimmed_through, stream.last_seq
         after = data.draw(st.sampled_from([lo, hi]) | st.integers(lo, hi), label="after_seq")
@@ -320,6 +327,32 @@ class OutboundMachine(RuleBasedStateMachine):
             q.queue.unsubscribe(self.runs[r].run_id)
             q.copies.pop(r, None)
 
+    @precondition(lambda self: any(run.stream.ended and not run.dropped for run in self.runs))
+    @rule(r=st.integers(0, 2))
+    def drop_run(self, r: int) -> None:
+        """A retention bound drops an ended run: each follower still sends what it owes.
+
+        Replayed frames still owed count against the bounds from then on (nothing else
+        holds them), so the drop may close a queue with 4008.
+        """
+        ended = [i for i, run in enumerate(self.runs) if run.stream.ended and not run.dropped]
+        r = ended[r % len(ended)]
+        run = self.runs[r]
+        run.dropped = True
+        for q in self.queues:
+            with self._cues(q):
+                ok = q.queue.drop_run(run.run_id)
+                copy = q.copies.get(r)
+                fits = True
+                if copy is not None and copy.next > copy.announced:
+                    del q.copies[r]
+                elif copy is not None:
+                    copy.live_from, copy.dropped = min(copy.live_from, copy.next), True
+                    fits = self._fits(q)
+                    if not fits:
+                        self._overflow(q)
+            assert ok == (fits and q.closed != CLOSE_OVERFLOW)
+
     @rule(r=st.integers(0, 2), data=st.data())
     def ack_and_trim(self, r: int, data: st.DataObject) -> None:
         """Trims up to what every follower was sent; frees frames no follower still needs.
@@ -327,6 +360,8 @@ class OutboundMachine(RuleBasedStateMachine):
         A closed queue follows nothing: what it still owes must not depend on the log.
         """
         r %= len(self.runs)
+        if self.runs[r].dropped:  # not_found: nothing to ack any more
+            return
         stream = self.runs[r].stream
         sent = [q.copies[r].next - 1 for q in self.queues if r in q.copies]
         stream.trim_through(data.draw(st.integers(0, min(sent, default=stream.last_seq))))

@@ -213,11 +213,15 @@ def ended_run(table: RunTable, run_id: str, user: str = "alice") -> Run:
     return run
 
 
-def retention(max_retained_runs_per_user: int = 10) -> tuple[Retention, RunTable]:
+def retention(
+    max_retained_runs_per_user: int = 10, overflowed: list[OutboundQueue] | None = None,
+) -> tuple[Retention, RunTable]:
+    """A Retention whose 4008 closes (``on_overflow``) land in ``overflowed``."""
+    overflowed = overflowed if overflowed is not None else []
     table = RunTable(max_active_runs=10, max_active_runs_per_user=10,
                      max_retained_runs_per_user=max_retained_runs_per_user)
     config = Config(retention_s=60.0, max_retained_runs_per_user=max_retained_runs_per_user)
-    return Retention(config, table, WebSocketManager(5)), table
+    return Retention(config, table, WebSocketManager(5), overflowed.append), table
 
 
 async def test_a_run_dropped_by_the_per_user_bound_expires_as_a_no_op(
@@ -251,9 +255,27 @@ def test_dropping_a_run_twice_frees_its_bytes_once() -> None:
     queue.subscribe("run-a", run.stream, 0)
     keeper.keep(run, 0.0)
     keeper.drop(run)
-    assert queue.run_ids() == []  # the socket stopped following it
+    assert queue.run_ids() == ["run-a"]  # the socket sends what it was owed of it first
+    assert len(queue.take(BIG)[0]) == 3
+    assert queue.run_ids() == []  # then it stops following it
     assert keeper.held.bytes == 0
     keeper.drop(run)
     assert keeper.held.bytes == 0
     assert table.lookup("run-a") is None
+
+
+def test_a_dropped_run_whose_owed_replay_overflows_a_socket_closes_it_with_4008() -> None:
+    overflowed: list[OutboundQueue] = []
+    keeper, table = retention(overflowed=overflowed)
+    run = ended_run(table, "run-a")
+    tight = OutboundQueue("alice", max_messages=2, max_bytes=BIG)  # 3 frames owed
+    done = OutboundQueue("alice", max_messages=2, max_bytes=BIG)  # already sent them all
+    for queue in (tight, done):
+        keeper.manager.subscribe(queue, "run-a", run.stream.last_seq + 1)
+        queue.subscribe("run-a", run.stream, 0)
+    done.take(BIG)
+    keeper.keep(run, 0.0)
+    keeper.drop(run)
+    assert overflowed == [tight] and tight.close_code == 4008
+    assert done.run_ids() == [] and done.close_code is None
 

@@ -9,6 +9,7 @@ and cancel, and its request_id starts a new run. Dropped means gone: its memory 
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -23,6 +24,7 @@ from registry import (
     Config,
     Event,
     MemorySubscriber,
+    OutboundQueue,
     ResumeUnavailable,
     RunNotFound,
     open_registry,
@@ -190,6 +192,54 @@ async def test_an_active_run_alone_cannot_hold_more_than_max_retained_mib() -> N
         assert newest.received[run.run_id] == sub.received[run.run_id][30:]
         reg.cancel(run.run_id, USER)
         await run.wait_done()
+
+
+async def test_a_socket_still_sends_every_event_of_a_run_dropped_before_it_wrote_them() -> None:
+    """Another user's run still going holds the budget, so a run is dropped the moment it
+    ends, before its socket has written a frame: the socket still gets every event through
+    ``agent_completed`` (they count against its own bounds), and the run is gone."""
+    async with registry(max_retained_mib=1.0) as reg:
+        runs = Runs(reg)
+        hog, hog_sub = runs.start("huge_then_hang", OTHER_USER)
+        await hog_sub.wait_for(hog.run_id, 31)  # ~3 MB emitted, ~1 MiB still held
+        socket = OutboundQueue(USER, max_messages=100, max_bytes=8 * MIB)
+        reg.connect(socket)
+        run, _ = reg.start_run(user_id=USER, request_id="r1", agent="echo",
+                               message="M" * 700 * KB, subscriber=socket)
+        await run.wait_done()
+        runs.assert_dropped(run)
+        frames, _ = socket.take(100 * MIB)
+        events = [json.loads(frame) for frame in frames]
+        assert [(e["run_id"], e["seq"]) for e in events] == [(run.run_id, 1), (run.run_id, 2),
+                                                             (run.run_id, 3)]
+        assert events[-1]["type"] == "agent_completed"
+        assert events[-1]["payload"]["result"] == "M" * 700 * KB
+        assert socket.run_ids() == [] and (socket.queued, socket.queued_bytes) == (0, 0)
+        reg.cancel(hog.run_id, OTHER_USER)
+        await hog.wait_done()
+
+
+async def test_a_socket_replaying_a_run_the_budget_drops_finishes_within_its_own_bounds() -> None:
+    """A resume of an ended run is being replayed when the run is dropped: what is left of
+    the replay counts against the socket's bounds from then on. Within them it is sent;
+    beyond them the socket is closed with 4008 (the run is then ``not_found``)."""
+    async with registry(max_retained_mib=1.0) as reg:
+        runs = Runs(reg)
+        first, events = await runs.finished("big")
+        roomy = OutboundQueue(USER, max_messages=100, max_bytes=8 * MIB)
+        tight = OutboundQueue(USER, max_messages=100, max_bytes=100 * KB)
+        for socket in (roomy, tight):
+            reg.connect(socket)
+            reg.resume(first.run_id, USER, 0, socket)
+            socket.take(1)  # the replay has begun
+        await runs.finished("big", OTHER_USER)
+        await runs.finished("big", OTHER_USER)  # over the budget: the oldest ended run goes
+        runs.assert_dropped(first)
+        assert tight.close_code == 4008 and not tight.has_frames()
+        assert tight not in reg.manager.all_connections()
+        frames, _ = roomy.take(100 * MIB)
+        assert [json.loads(f)["seq"] for f in frames] == [e.seq for e in events[1:]]
+        assert roomy.run_ids() == [] and (roomy.queued, roomy.queued_bytes) == (0, 0)
 
 
 # ================================================================ dropped means freed
