@@ -49,8 +49,10 @@ log = logging.getLogger("registry.cluster")
 NODE_LOST: Final = "node_lost"
 #: How long one tail waits for events before it asks again.
 _TAIL_WAIT_S: Final = 5.0
-
-
+#: The shortest life of a "sockets here follow the run" record (renewed every third of
+#: ``detached_run_timeout_s``): with a timeout of a second, a loaded node's renewal that
+#: comes a little late would otherwise let the run's node end a run that is still followed.
+_FOLLOW_TTL_MIN_S: Final = 2.0
 _RETRY_S: Final = (0.05, 2.0)  # first and longest pause before retrying the shared state
 #: A lease lasts this share of node_lease_s, so that a survivor that checks every eighth
 #: of it ends a dead node's runs within node_lease_s.
@@ -408,11 +410,12 @@ class ClusterAPI(abc.ABC):
         """Tells the run's node, while this mirror lives, that a socket here follows it."""
         assert self._shared is not None
         every = min(self.config.detached_run_timeout_s / 3, _TAIL_WAIT_S)
+        ttl = max(3 * every, _FOLLOW_TTL_MIN_S)
         while True:
             through = min((q.sent_through(run.run_id) for q in self.manager.queues(run.run_id)),
                           default=run.stream.trimmed_through)
             with contextlib.suppress(SharedStateUnavailable):
-                await self._shared.follow(run.run_id, self.node_id, 3 * every, through)
+                await self._shared.follow(run.run_id, self.node_id, ttl, through)
             await anyio.sleep(every)
 
     async def _tail_events(self, run: Run) -> None:

@@ -300,13 +300,15 @@ async def _is_idle(server: Server) -> bool:
     return False
 
 
-async def http_get(server: Server, target: str,
-                   headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-    """One HTTP/1.1 GET on its own connection: the status and the body."""
-    lines = [f"GET {target} HTTP/1.1", f"Host: {HOST}:{server.port}", "Connection: close",
+async def http_get(server: Server, target: str, headers: Mapping[str, str] | None = None,
+                   *, port: int | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on its own connection (to ``port``, default the first node's): the
+    status and the body."""
+    port = server.port if port is None else port
+    lines = [f"GET {target} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
              *(f"{name}: {value}" for name, value in (headers or {}).items()), "", ""]
     with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream(HOST, server.port)
+        stream = await trio.open_tcp_stream(HOST, port)
         async with stream:
             await stream.send_all("\r\n".join(lines).encode())
             data = b""
@@ -316,11 +318,13 @@ async def http_get(server: Server, target: str,
     return int(head.split(maxsplit=2)[1]), body
 
 
-async def dashboard_data(server: Server) -> dict[str, Any]:
-    """``/dashboard/data``: the live figures (runs in flight, open sockets, ...)."""
+async def dashboard_data(server: Server, port: int | None = None) -> dict[str, Any]:
+    """``/dashboard/data`` of one node (default the first): the live figures (runs in
+    flight, open sockets, ...)."""
     token = server.config.metrics_token
     status, body = await http_get(server, "/dashboard/data",
-                                  {"Authorization": f"Bearer {token}"} if token else None)
+                                  {"Authorization": f"Bearer {token}"} if token else None,
+                                  port=port)
     assert status == 200, (status, body)
     data: dict[str, Any] = strict_json(body)
     return data
@@ -347,9 +351,10 @@ async def wait_runs_ended(server: Server) -> None:
 
 
 async def _until_none(server: Server, figure: str) -> None:
-    """Polls ``/dashboard/data`` until ``figure`` (a count) is 0."""
-    while (await dashboard_data(server))[figure]:
-        await trio.sleep(0.01)
+    """Polls ``/dashboard/data`` until ``figure`` (a count) is 0 on every node."""
+    for port in server.ports or (server.port,):
+        while (await dashboard_data(server, port))[figure]:
+            await trio.sleep(0.01)
 
 
 # ================================================================== clients
