@@ -460,17 +460,18 @@ def findings(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _ws_ping_finding(summary: Mapping[str, Any]) -> list[str]:
-    """The WebSocket-ping flood's finding, with the pong bytes it made the server hold."""
+    """The WebSocket-ping flood's finding when no flood, however large, met the bound."""
     abuse = summary["abuse"]
-    absorbed = abuse["verdict"].get(at.WS_PING_FLOOD, {}).get("unexpected", {}).get(at.ABSORBED)
+    verdict = abuse["verdict"].get(at.WS_PING_FLOOD, {})
+    absorbed = verdict.get("tolerated", {}).get(at.ABSORBED)
     held = abuse["figures"].get(at.WS_PING_FLOOD, {}).get("pong_bytes_read")
-    if not absorbed or not held:
+    if not absorbed or not held or "close:4008" not in verdict.get("missing", ()):
         return []
     bound = summary["settings"]["budgets"]["max_queued_mib"]
     return [
         f"ws_ping_flood: {absorbed} floods of WebSocket pings on a socket that did not read "
-        f"were answered in full, about {held / 2**20 / absorbed:.1f} MiB of pongs each held "
-        f"by the server for that one socket, against max_queued_mib {bound}: the pongs owed "
-        "to a client's pings are outside the outbound bound (4008 never came; only the "
-        "keepalive, which a client can satisfy with unsolicited pongs, ends such a socket)"
+        f"were answered in full, about {held / 2**20 / absorbed:.1f} MiB of pongs each, "
+        f"against max_queued_mib {bound}, and 4008 never came: either the pongs owed to a "
+        "client's pings are outside the outbound bound or the kernel's socket buffers held "
+        "every flood (run longer floods: --ws-ping-s)"
     ]

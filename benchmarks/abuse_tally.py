@@ -73,7 +73,7 @@ EXPECTED: Final[Mapping[str, frozenset[str]]] = {
 TOLERATED: Final[Mapping[str, frozenset[str]]] = {
     JSON_PING_FLOOD: frozenset({ABSORBED, CLOSED_AT_ONCE}),
     MESSAGE_FLOOD: frozenset({ABSORBED, CLOSED_AT_ONCE}),
-    WS_PING_FLOOD: frozenset({CLOSED_AT_ONCE}),
+    WS_PING_FLOOD: frozenset({ABSORBED, CLOSED_AT_ONCE}),
     NON_READER: frozenset({ABSORBED, CLOSED_AT_ONCE}),
     SLOWLORIS: frozenset({CLOSED_AT_ONCE}),
     PENDING_PROBE: frozenset(),

@@ -388,22 +388,28 @@ async def write_batches(conn: Conn, batch: bytes, per_batch: int, total: int,
 
 async def ws_ping_flood(abuse: Abuse, index: int) -> None:
     """WebSocket ping control frames without reading for ``ws_ping_s``, then read: every pong
-    the server owes is bytes it holds; over ``max_queued_mib`` the bound says 4008."""
+    the server owes is bytes it holds; over ``max_queued_mib`` the bound says 4008. A flood
+    answered in full (``absorbed``: the kernel's socket buffers, several MiB on loopback,
+    took what the server's queue did not hold) makes the next one twice as long."""
     plan = abuse.plan
     batch = at.ws_ping_frames(100)
+    seconds = [plan.ws_ping_s]  # doubled after a flood that was absorbed
 
     async def once() -> str:
         conn = await connect(plan, plan.user(at.WS_PING_FLOOD, index),
                              rcvbuf=NOT_READING_RCVBUF)
         conn.pause()
-        total = int(plan.ws_ping_rate * plan.ws_ping_s)
+        total = int(plan.ws_ping_rate * seconds[0])
         sent = await write_batches(conn, batch, 100, total, plan.ws_ping_rate)
         pongs, code, eof = await read_pongs(conn, plan.limits.close_timeout_s + 10)
         conn.abort()
         abuse.tally.count(at.WS_PING_FLOOD, "pings_sent", sent)
         abuse.tally.count(at.WS_PING_FLOOD, "pongs_read", pongs)
         abuse.tally.count(at.WS_PING_FLOOD, "pong_bytes_read", pongs * 127)
-        return at.flood_outcome(code, eof=eof, answered=pongs, sent=sent)
+        outcome = at.flood_outcome(code, eof=eof, answered=pongs, sent=sent)
+        if outcome == at.ABSORBED:
+            seconds[0] = min(seconds[0] * 2, 16 * plan.ws_ping_s)
+        return outcome
 
     await abuse.repeat(at.WS_PING_FLOOD, once, 0.2)
 

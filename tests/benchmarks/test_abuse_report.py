@@ -168,6 +168,20 @@ def test_the_ws_ping_finding_says_how_many_bytes_one_socket_held() -> None:
                for line in found)
 
 
+def test_absorbed_ws_ping_floods_are_no_finding_once_a_larger_one_met_the_bound() -> None:
+    result = abusers_result()
+    tally = at.AbuseTally()
+    tally.merge(result["tally"])
+    tally.add(at.WS_PING_FLOOD, "absorbed")
+    tally.add(at.WS_PING_FLOOD, "close:4008")
+    tally.count(at.WS_PING_FLOOD, "pong_bytes_read", 10 * 2**20)
+    result["tally"] = tally.to_dict()
+    result["counts"][at.WS_PING_FLOOD] = 1
+    result["verdict"] = at.verdict(result["tally"], [at.WS_PING_FLOOD])
+    assert result["verdict"][at.WS_PING_FLOOD]["ok"]
+    assert not [line for line in ar.findings(summary(abusers=result)) if "ws_ping" in line]
+
+
 def test_the_page_and_the_lines_carry_the_figures() -> None:
     got = summary()
     page = ar.markdown(got, ["something went wrong"])
