@@ -153,31 +153,28 @@ def test_violations_slow_p99_missing_answers_and_a_bad_exit_fail_the_soak() -> N
     assert "exited -9" in found
 
 
-def test_the_ws_ping_finding_says_how_many_bytes_one_socket_held() -> None:
+def ws_ping_floods(*outcomes: str) -> dict[str, Any]:
+    """An abusers' result whose WebSocket-ping flooder had ``outcomes``, 10 MiB of pongs read."""
     result = abusers_result()
     tally = at.AbuseTally()
     tally.merge(result["tally"])
-    tally.add(at.WS_PING_FLOOD, "absorbed")
-    tally.add(at.WS_PING_FLOOD, "absorbed")
+    for outcome in outcomes:
+        tally.add(at.WS_PING_FLOOD, outcome)
     tally.count(at.WS_PING_FLOOD, "pong_bytes_read", 10 * 2**20)
     result["tally"] = tally.to_dict()
     result["counts"][at.WS_PING_FLOOD] = 1
     result["verdict"] = at.verdict(result["tally"], [at.WS_PING_FLOOD])
-    found = ar.findings(summary(abusers=result))
+    return result
+
+
+def test_the_ws_ping_finding_says_how_many_bytes_one_socket_held() -> None:
+    found = ar.findings(summary(abusers=ws_ping_floods("absorbed", "absorbed")))
     assert any("about 5.0 MiB of pongs each" in line and "max_queued_mib 1" in line
                for line in found)
 
 
 def test_absorbed_ws_ping_floods_are_no_finding_once_a_larger_one_met_the_bound() -> None:
-    result = abusers_result()
-    tally = at.AbuseTally()
-    tally.merge(result["tally"])
-    tally.add(at.WS_PING_FLOOD, "absorbed")
-    tally.add(at.WS_PING_FLOOD, "close:4008")
-    tally.count(at.WS_PING_FLOOD, "pong_bytes_read", 10 * 2**20)
-    result["tally"] = tally.to_dict()
-    result["counts"][at.WS_PING_FLOOD] = 1
-    result["verdict"] = at.verdict(result["tally"], [at.WS_PING_FLOOD])
+    result = ws_ping_floods("absorbed", "close:4008")
     assert result["verdict"][at.WS_PING_FLOOD]["ok"]
     assert not [line for line in ar.findings(summary(abusers=result)) if "ws_ping" in line]
 
