@@ -58,9 +58,6 @@ _BATCH_BYTES: Final = 65536
 _RECV_BYTES: Final = 65536
 #: A socket that wrote nothing for this many backpressure pauses is stuck: runs stop waiting.
 _STALL_PAUSES: Final = 250
-#: Client messages one read handles before other tasks get a turn (a 64 KiB read of small
-#: messages would otherwise hold the event loop for milliseconds).
-_MESSAGES_PER_TURN: Final = 16
 #: Accepts per pass of the accept loop before other tasks get a turn.
 _ACCEPTS_PER_PASS: Final = 64
 _FD_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -332,14 +329,10 @@ class ChatServer:
             if len(s.out) > self.config.max_queued_mib * 1024 * 1024:
                 self._close(s, CLOSE_OVERFLOW, "outbound queue overflow; reconnect and resume")
             self._mark_dirty(s)
-        handled = 0
         for item in inbound:
             if isinstance(item, Message):
                 if s.queue.close_code is None:
                     await s.session.handle(item.text)
-                    handled += 1
-                    if handled % _MESSAGES_PER_TURN == 0:  # a flood waits, the others go on
-                        await trio.lowlevel.checkpoint()
             elif isinstance(item, Closed):  # pragma: no branch - the only other kind
                 self._peer_closing(s, item)
         if s.ws.closed and not s.out:

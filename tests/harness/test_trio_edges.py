@@ -9,7 +9,6 @@ real network event; "the slot was freed" is shown by a later client getting in.
 from __future__ import annotations
 
 import errno
-import itertools
 import socket
 import struct
 from collections.abc import Iterator
@@ -34,7 +33,6 @@ from tests.harness._support import (
     scripted,
     token,
 )
-from tests.harness.test_abuse import raw_websocket, text_frame
 
 
 def _leaves(error: BaseException) -> Iterator[BaseException]:
@@ -211,37 +209,6 @@ async def test_a_socket_whose_handling_fails_is_closed_1011_and_only_it() -> Non
         assert check_run(await bystander.run_events(running["run_id"]))["status"] == "succeeded"
         async with connect(server, "alice") as again:  # the failed socket's slot is free
             await again.assert_usable()
-
-
-# ============================================================ bursts of messages
-async def test_bursts_of_messages_in_one_read_take_turns_and_are_each_answered_in_order(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Two sockets each write 200 pings at once: the server handles a burst a few messages
-    at a time (others get the event loop in between, so one flooder cannot hold it for
-    milliseconds), and still answers every ping once, in order."""
-    handled: list[str] = []
-    handle = ChatSession.handle
-
-    async def recording(self: ChatSession, text: str | None) -> None:
-        handled.append(self.user_id)
-        await handle(self, text)
-
-    monkeypatch.setattr(ChatSession, "handle", recording)
-    burst = b"".join(text_frame({"type": "ping", "id": n}) for n in range(200))
-    async with (
-        open_server() as server,
-        raw_websocket(server, "alice") as alice,
-        raw_websocket(server, "bob") as bob,
-    ):
-        await alice.send(burst)
-        await bob.send(burst)
-        for raw in (alice, bob):
-            pongs = [(await raw.next_frame()) for _ in range(200)]
-            assert [frame.json()["id"] for frame in pongs if frame] == list(range(200))
-    switches = sum(a != b for a, b in itertools.pairwise(handled))
-    assert sorted(set(handled)) == ["alice", "bob"] and len(handled) == 400
-    assert switches > 2, f"one burst was handled whole before the other: {switches} switch"
 
 
 # ============================================================ cancelled, not stopped
