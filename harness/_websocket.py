@@ -3,8 +3,14 @@
 What a client sends is parsed by wsproto (masking, fragmentation, UTF-8, control frames and
 every RFC 6455 rule); its violations become a close with 1002, invalid UTF-8 one with 1007,
 and a message over ``max_message_bytes`` (counted once, in UTF-8 bytes, across fragments)
-one with 1009. What the server sends is unmasked, so a text frame is a two-to-ten-byte
-header and the event's bytes as they are: :func:`text_frame_header` builds it directly, and
+one with 1009. The frames nearly every client sends — a whole masked text frame of valid
+UTF-8, a ping, a pong, each with a minimal length — are read here directly once they are
+complete, which costs a fifth of wsproto's per-frame work (a flood of small frames is what
+makes a server busy); any other frame, from its first byte to its last, goes to wsproto,
+which therefore never holds part of a frame when a simple one comes next.
+
+What the server sends is unmasked, so a text frame is a two-to-ten-byte header and the
+event's bytes as they are: :func:`text_frame_header` builds it directly, and
 the same event bytes serve every socket; control frames (ping, pong, close) go through wsproto.
 """
 
@@ -36,6 +42,13 @@ __all__ = [
 CLOSE_NORMAL: Final = 1000
 CLOSE_TOO_BIG: Final = 1009
 _FIN_TEXT: Final = 0x81
+_FIN_PING: Final = 0x89
+_FIN_PONG: Final = 0x8A
+_MASKED: Final = 0x80
+_FIN: Final = 0x80
+_OPCODE: Final = 0x0F
+_CONTINUATION: Final = 0x0
+_MAX_CONTROL: Final = 125
 
 
 #: States in which the client's bytes are read: open, and after our close frame (for the
@@ -81,7 +94,10 @@ class ServerWebSocket:
         max_message_bytes: The largest client message, in UTF-8 bytes once reassembled.
     """
 
-    __slots__ = ("_binary", "_ended", "_parts", "_size", "_ws", "max_message_bytes", "pongs")
+    __slots__ = (
+        "_binary", "_buffer", "_ended", "_fragmented", "_given", "_needed", "_owed", "_parts",
+        "_size", "_ws", "max_message_bytes", "pongs",
+    )
 
     def __init__(self, max_message_bytes: int) -> None:
         self._ws = Connection(ConnectionType.SERVER)
@@ -90,6 +106,11 @@ class ServerWebSocket:
         self._size = 0
         self._binary = False
         self._ended = False  # a Closed was returned: nothing more is read
+        self._buffer = bytearray()  # the start of a frame not yet whole (read here)
+        self._needed = 0  # the bytes the buffer must hold before it is worth reading again
+        self._owed = 0  # bytes of the frame wsproto is reading that it has not had yet
+        self._given = 0  # bytes at the buffer's start that wsproto already has (a header's)
+        self._fragmented = False  # wsproto holds a message's first fragments
         #: Pong payloads received (the keepalive's answer).
         self.pongs = 0
 
@@ -115,16 +136,127 @@ class ServerWebSocket:
         """
         if self._ended or self._ws.state not in _READING:
             return [], b""
-        self._ws.receive_data(data)
+        if self._buffer:
+            self._buffer += data
+            if len(self._buffer) < self._needed:
+                return [], b""
+            data = bytes(self._buffer)
         out: list[Inbound] = []
         reply = bytearray()
+        at, end = 0, len(data)
+        while at < end and not self._ended:
+            if self._owed:
+                upto = at + min(self._owed, end - at)
+                self._owed -= upto - at
+                self._by_wsproto(data[at:upto], out, reply)
+                at = upto
+                continue
+            frame = self._frame(data, at, end)
+            if frame is None:  # the header is not whole yet
+                self._needed = 0
+                if end - at >= 2 and not self._may_be_simple(data[at], data[at + 1]):
+                    # wsproto judges a frame by its first two bytes: it has them at once
+                    self._by_wsproto(data[at + self._given:end], out, reply)
+                    self._given = end - at
+                break
+            start, size, mask = frame
+            if mask is None or not self._simple(data[at], size):
+                at += self._route(data[at], start - at + size)
+                continue
+            if start + size > end:  # a simple frame, not whole yet
+                self._needed = start + size - at
+                break
+            if not self._read_simple(data[at], _unmask(data[start:start + size], mask),
+                                     out, reply):
+                at += self._route(data[at], start - at + size)  # invalid UTF-8: 1007
+                continue
+            at = start + size
+        if at < end and not self._ended:
+            self._buffer = bytearray(data[at:])
+        elif self._buffer:
+            self._buffer = bytearray()
+        return out, bytes(reply)
+
+    @staticmethod
+    def _frame(data: bytes, at: int, end: int) -> tuple[int, int, bytes | None] | None:
+        """A frame's payload start, size and mask (``None`` when unmasked or its length is
+        not minimal: only wsproto reads such a frame), or ``None`` until the header is whole."""
+        if end - at < 2:
+            return None
+        size = data[at + 1] & 0x7F
+        start = at + 2
+        minimal = True
+        if size == 126:
+            if end - start < 2:
+                return None
+            size = int.from_bytes(data[start:start + 2])
+            start += 2
+            minimal = size >= 126
+        elif size == 127:
+            if end - start < 8:
+                return None
+            size = int.from_bytes(data[start:start + 8])
+            start += 8
+            minimal = 1 << 16 <= size < 1 << 63
+        if not data[at + 1] & _MASKED:
+            return start, size, None
+        if end - start < 4:
+            return None
+        mask = data[start:start + 4] if minimal else None
+        return start + 4, size, mask
+
+    def _simple(self, first: int, size: int) -> bool:
+        """Whether a frame is read here: a whole text message, a ping or a pong, while open."""
+        if self._ws.state is not ConnectionState.OPEN:
+            return False
+        if first == _FIN_TEXT:
+            return not self._fragmented and size <= self.max_message_bytes
+        return first in (_FIN_PING, _FIN_PONG) and size <= _MAX_CONTROL
+
+    def _read_simple(self, first: int, payload: bytes, out: list[Inbound],
+                     reply: bytearray) -> bool:
+        """Takes a simple frame in; ``False`` for a text frame that is not valid UTF-8."""
+        if first == _FIN_TEXT:
+            try:
+                out.append(Message(payload.decode()))
+            except UnicodeDecodeError:
+                return False
+        elif first == _FIN_PING:
+            reply += bytes((_FIN_PONG, len(payload))) + payload
+        else:
+            self.pongs += 1
+        return True
+
+    def _may_be_simple(self, first: int, second: int) -> bool:
+        if self._ws.state is not ConnectionState.OPEN or not second & _MASKED:
+            return False
+        if first == _FIN_TEXT:
+            return not self._fragmented
+        return first in (_FIN_PING, _FIN_PONG) and second & 0x7F <= _MAX_CONTROL
+
+    def _route(self, first: int, length: int) -> int:
+        """The frame starting with byte ``first``, ``length`` bytes long, is wsproto's.
+
+        Returns:
+            How many of its bytes wsproto already has (the start of its header).
+        """
+        given, self._given = self._given, 0
+        self._owed = length - given
+        opcode = first & _OPCODE
+        if opcode != _CONTINUATION and opcode < 8 and not first & _FIN:
+            self._fragmented = True
+        elif opcode == _CONTINUATION and first & _FIN:
+            self._fragmented = False
+        return given
+
+    def _by_wsproto(self, data: bytes, out: list[Inbound], reply: bytearray) -> None:
+        self._ws.receive_data(data)
         for event in self._ws.events():
             closed = self._event(event, out, reply)
             if closed is not None:
                 out.append(closed)
                 self._ended = True
                 break
-        return out, bytes(reply)
 
     def _event(self, event: object, out: list[Inbound], reply: bytearray) -> Closed | None:
         if isinstance(event, TextMessage | BytesMessage):
@@ -182,3 +314,11 @@ class ServerWebSocket:
             return self._ws.send(event)
         except LocalProtocolError:  # closing: no pong or ping is owed any more
             return b""
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """A client frame's payload XORed with its four-byte mask, as one big-integer XOR."""
+    size = len(payload)
+    key = (mask * ((size >> 2) + 1))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        size, "little")
