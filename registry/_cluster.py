@@ -26,7 +26,7 @@ import anyio.abc
 from registry._events import encode_event, envelope_prefix
 from registry._lifecycle import Trigger
 from registry._outbound import CLOSE_OVERFLOW, OutboundQueue
-from registry._outbox import Append, Disconnect, Finish, Operation, Outbox, Tools
+from registry._outbox import Append, Disconnect, Finish, Operation, Outbox, Tools, Trim
 from registry._payloads import AgentCompleted, ToolCompleted
 from registry._run import Run
 from registry._shared import Batch, RunRecord, SharedState, SharedStateUnavailable
@@ -157,6 +157,17 @@ class ClusterAPI(abc.ABC):
                 "node's buffer for it is full: the run was stopped"})
         return self._pushed
 
+    async def trim_shared(self, run_id: str, seq: int) -> None:
+        """Queues a trim of the shared log through ``seq`` (an ack) and waits until it is
+        written with the next batch: one round trip shared with the other operations, and
+        the ack is answered as before, once the other nodes see it. Best effort: skipped
+        while the outbox is full, not waited for while the shared state is unreachable."""
+        if self._outbox.full:
+            return
+        self._owe(Trim(run_id, seq))
+        if self.shared_reachable:
+            await self._confirm(self._pushed)
+
     async def _confirm(self, number: int) -> None:
         """Waits (briefly: an outage does not hold a run's end) until operation ``number``
         is written, so that a run's slot is free across nodes before its client learns
@@ -209,6 +220,7 @@ class ClusterAPI(abc.ABC):
         assert self._shared is not None
         logs: dict[str, list[tuple[int, bytes]]] = {}
         tools: dict[str, Mapping[str, str]] = {}
+        acked: dict[str, tuple[int, str]] = {}
         finished: dict[str, float] = {}
         disconnected: list[tuple[str, str]] = []
         dropped: list[str] = []
@@ -217,13 +229,16 @@ class ClusterAPI(abc.ABC):
                 logs.setdefault(op.run_id, []).extend(op.entries)
             elif isinstance(op, Tools):
                 tools[op.run_id] = op.open_tools
+            elif isinstance(op, Trim):
+                seq = max(op.seq, acked.get(op.run_id, (0, ""))[0])
+                acked[op.run_id] = (seq, self.node_id)
             elif isinstance(op, Finish):
                 finished[op.run_id] = op.retention_s
             elif isinstance(op, Disconnect):
                 disconnected.append((op.user_id, op.conn_id))
             else:
                 dropped.append(op.run_id)
-        await self._shared.apply(Batch(logs=logs, open_tools=tools, finished=finished,
+        await self._shared.apply(Batch(logs=logs, open_tools=tools, acked=acked, finished=finished,
                                        disconnected=disconnected, dropped=dropped))
 
     async def _restore_state(self) -> None:

@@ -16,7 +16,7 @@ from typing import Final, final
 
 import attrs
 
-__all__ = ["Abandon", "Append", "Disconnect", "Finish", "Operation", "Outbox", "Tools"]
+__all__ = ["Abandon", "Append", "Disconnect", "Finish", "Operation", "Outbox", "Tools", "Trim"]
 
 #: How many operations one write takes at most.
 BATCH: Final = 256
@@ -42,6 +42,17 @@ class Tools:
 
     run_id: str
     open_tools: Mapping[str, str]
+
+    size = 0
+
+
+@final
+@attrs.frozen
+class Trim:
+    """A run was acknowledged through ``seq`` on this node (followers elsewhere spared)."""
+
+    run_id: str
+    seq: int
 
     size = 0
 
@@ -81,7 +92,7 @@ class Abandon:
     size = 0
 
 
-Operation = Append | Tools | Finish | Disconnect | Abandon
+Operation = Append | Tools | Trim | Finish | Disconnect | Abandon
 
 
 @final
@@ -101,6 +112,11 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    @property
+    def full(self) -> bool:
+        """Past a bound: what may be skipped (a trim) is not queued."""
+        return len(self._waiting) >= self.max_operations or self.bytes > self.max_bytes
 
     def push(self, operation: Operation) -> bool:
         """Queues ``operation``; returns False when the outbox is now past its bounds."""

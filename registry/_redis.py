@@ -100,6 +100,13 @@ _RESUBSCRIBE: Final = CompositeRetryPolicy(
     ),
 )
 
+#: Redis's clock in ms, in a script (every node compares expiries on the same clock; coredis's
+#: ``TIME`` reply loses the milliseconds, so scripts read the clock themselves).
+_NOW_MS: Final = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
 # admit codes
 _NEW, _DUPLICATE, _RATE_LIMITED, _OVERLOADED = 0, 1, 2, 3
 
@@ -181,27 +188,59 @@ end
 return 0
 """
 
-_TRIM: Final = """
--- KEYS: run, log; ARGV: through, through + 1
+_TRIM: Final = _NOW_MS + """
+-- KEYS: run, log[, follow]; ARGV: through[, node_id]
+-- With the follow hash: never past what a follower other than node_id still needs.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local through = tonumber(ARGV[1])
+if KEYS[3] then
+  local follows = redis.call('HGETALL', KEYS[3])
+  for i = 1, #follows, 2 do
+    if follows[i] ~= ARGV[2] then
+      local seq, untils = string.match(follows[i + 1], '(%d+) (%d+)')
+      if tonumber(untils) > now_ms and tonumber(seq) < through then through = tonumber(seq) end
+    end
+  end
+end
 if through <= tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0') then return 0 end
-redis.call('HSET', KEYS[1], 'trimmed', ARGV[1])
+redis.call('HSET', KEYS[1], 'trimmed', through)
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
   local top = 0
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then top = tonumber(string.match(info[i + 1], '%d+$')) end
   end
-  if top < through then redis.call('XSETID', KEYS[2], '0-' .. ARGV[1]) end
-  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. ARGV[2])
+  if top < through then redis.call('XSETID', KEYS[2], '0-' .. through) end
+  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (through + 1))
 else
-  redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 'f', '')
-  redis.call('XDEL', KEYS[2], '0-' .. ARGV[1])
+  redis.call('XADD', KEYS[2], '0-' .. through, 'f', '')
+  redis.call('XDEL', KEYS[2], '0-' .. through)
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
 return 1
+"""
+
+_FOLLOW: Final = _NOW_MS + """
+-- KEYS: follow; ARGV: node_id, through, ttl_ms (the hash expires with its last entry)
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. string.format('%.0f', now_ms + ttl))
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 0
+"""
+
+_FOLLOWERS: Final = _NOW_MS + """
+-- KEYS: follow; returns node, through, node, through... of the entries not expired
+local out = {}
+local follows = redis.call('HGETALL', KEYS[1])
+for i = 1, #follows, 2 do
+  local seq, untils = string.match(follows[i + 1], '(%d+) (%d+)')
+  if tonumber(untils) > now_ms then
+    table.insert(out, follows[i])
+    table.insert(out, seq)
+  end
+end
+return out
 """
 
 _CONNECT: Final = """
@@ -492,6 +531,9 @@ class RedisSharedState:
             self._evalsha(pipe, "set_open_tools",
                           [self._key("run:", run_id) for run_id in batch.open_tools],
                           [json.dumps(dict(tools)) for tools in batch.open_tools.values()])
+        for run_id, (seq, node_id) in batch.acked.items():
+            keys = [*self._run_keys(run_id)[:2], self._key("follow:", run_id)]
+            self._evalsha(pipe, "trim", keys, [seq, node_id])
         for run_id, retention_s in batch.finished.items():
             self._evalsha(pipe, "finish", self._run_keys(run_id),
                           [run_id, _ms(retention_s), self.key_prefix])
@@ -534,9 +576,7 @@ class RedisSharedState:
 
     async def trim(self, run_id: str, through_seq: int) -> None:
         """See :meth:`SharedState.trim`: a later append at or below ``through_seq`` is skipped."""
-        await self._run_script(
-            "trim", self._run_keys(run_id)[:2], [through_seq, through_seq + 1]
-        )
+        await self._run_script("trim", self._run_keys(run_id)[:2], [through_seq])
 
     # ---------------------------------------------------------- connections
     async def connect(self, user_id: str, conn_id: str, node_id: str, limit: int) -> bool:
@@ -555,29 +595,15 @@ class RedisSharedState:
     # ---------------------------------------------------------------- nodes
     async def follow(self, run_id: str, node_id: str, ttl_s: float, through: int) -> None:
         """See :meth:`SharedState.follow`: ``HSET P follow:{run_id} node "through until_ms"``
-        (the hash expires with its newest entry)."""
-        with self._guard():
-            now_ms = await self._now_ms()
-            key = self._key("follow:", run_id)
-            await self._client.hset(key, {node_id: f"{through} {now_ms + _ms(ttl_s)}"})
-            await self._client.pexpire(key, _ms(ttl_s))
+        on Redis's clock (the hash expires with the entry that expires last)."""
+        await self._run_script(
+            "follow", [self._key("follow:", run_id)], [node_id, through, _ms(ttl_s)]
+        )
 
     async def followers(self, run_id: str) -> dict[str, int]:
         """See :meth:`SharedState.followers`."""
-        with self._guard():
-            now_ms = await self._now_ms()
-            entries = await self._client.hgetall(self._key("follow:", run_id))
-        out = {}
-        for node, value in entries.items():
-            through, until = value.decode().split()
-            if int(until) > now_ms:
-                out[node.decode()] = int(through)
-        return out
-
-    async def _now_ms(self) -> int:
-        """Redis's clock (every node compares expiries on the same one)."""
-        now = await self._client.time()
-        return int(now.timestamp() * 1000)
+        flat = await self._run_script("followers", [self._key("follow:", run_id)], [])
+        return {_text(node): int(through) for node, through in _pairs(flat).items()}
 
     async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """See :meth:`SharedState.heartbeat`."""
@@ -720,7 +746,8 @@ class RedisSharedState:
 _SCRIPTS: Final = {
     "append": _APPEND, "admit": _ADMIT, "finish": _FINISH, "drop": _DROP,
     "set_open_tools": _SET_OPEN_TOOLS,
-    "trim": _TRIM, "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
+    "trim": _TRIM, "follow": _FOLLOW, "followers": _FOLLOWERS,
+    "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
     "dead_nodes": _DEAD_NODES, "claim": _CLAIM, "forget_node": _FORGET_NODE,
     "restore": _RESTORE,
 }

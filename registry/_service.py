@@ -100,6 +100,9 @@ class ServiceAPI(abc.ABC):
     def drop_mirror(self, run: Run) -> None: ...
 
     @abc.abstractmethod
+    async def trim_shared(self, run_id: str, seq: int) -> None: ...
+
+    @abc.abstractmethod
     def _unreachable(self) -> None: ...
 
     @abc.abstractmethod
@@ -195,19 +198,18 @@ class ServiceAPI(abc.ABC):
             await self._trim_shared(run_id, seq, found)
 
     async def _trim_shared(self, run_id: str, seq: int, found: Run | RunRecord) -> None:
-        """Trims the shared log, but never past what a socket on any node still needs."""
+        """Trims the shared log, but never past what a socket on any node still needs (the
+        batch's trim spares the other nodes' followers)."""
         assert self._shared is not None
-        try:
-            if isinstance(found, RunRecord):
+        if isinstance(found, RunRecord):
+            try:
                 trimmed, entries = await self._shared.read(run_id, max(seq - 1, 0))
-                if seq > max([trimmed, *(s for s, _ in entries)]):
-                    raise InvalidField("seq", f"seq {quote(seq)} is beyond the last event")
-            floor = found.stream.trimmed_through if isinstance(found, Run) else seq
-            followers = await self._shared.followers(run_id)
-            floor = min(floor, seq, *(t for n, t in followers.items() if n != self.node_id))
-            await self._shared.trim(run_id, floor)
-        except SharedStateUnavailable:
-            return  # the shared log keeps more for a while; nothing is lost
+            except SharedStateUnavailable:
+                return  # the shared log keeps more for a while; nothing is lost
+            if seq > max([trimmed, *(s for s, _ in entries)]):
+                raise InvalidField("seq", f"seq {quote(seq)} is beyond the last event")
+        floor = min(found.stream.trimmed_through, seq) if isinstance(found, Run) else seq
+        await self.trim_shared(run_id, floor)
 
     async def on_cancel(self, run_id: str, user_id: str) -> None:
         """``cancel``: here, or routed to the node that runs it (ended: a no-op)."""

@@ -65,6 +65,9 @@ class Batch:
     Attributes:
         logs: Events to append per run: (seq, wire bytes), in seq order.
         open_tools: The runs' open tool calls now (call_id -> tool).
+        acked: Runs acknowledged: run_id -> (seq, node_id). The run's log is trimmed through
+            ``seq``, but never past what sockets on another node than ``node_id`` still need
+            (their :meth:`SharedState.follow` word, if not expired), as :meth:`trim` does.
         finished: Runs that ended, with their ``retention_s``.
         disconnected: Connections (user_id, conn_id) that closed.
         dropped: Runs to forget at once (an admission whose answer was lost).
@@ -72,13 +75,14 @@ class Batch:
 
     logs: Mapping[str, Sequence[tuple[int, bytes]]] = attrs.field(factory=dict)
     open_tools: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
+    acked: Mapping[str, tuple[int, str]] = attrs.field(factory=dict)
     finished: Mapping[str, float] = attrs.field(factory=dict)
     disconnected: Sequence[tuple[str, str]] = ()
     dropped: Sequence[str] = ()
 
     @property
     def empty(self) -> bool:
-        return not (any(self.logs.values()) or self.open_tools or self.finished
+        return not (any(self.logs.values()) or self.open_tools or self.acked or self.finished
                     or self.disconnected or self.dropped)
 
 
@@ -137,8 +141,8 @@ class SharedState(Protocol):
 
     async def apply(self, batch: Batch) -> None:
         """Writes a node's :class:`Batch` in one atomic step (one round trip for Redis):
-        :meth:`append_many`, then :meth:`finish`, :meth:`disconnect` and :meth:`drop` of
-        each. Safe to apply twice."""
+        :meth:`append_many`, then the acked trims, then :meth:`finish`, :meth:`disconnect`
+        and :meth:`drop` of each. Safe to apply twice."""
         ...
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:

@@ -180,6 +180,9 @@ class MemorySharedState:
         for run_id, tools in batch.open_tools.items():
             if (run := self._live_run(run_id)) is not None:
                 run.record = attrs.evolve(run.record, open_tools=dict(tools))
+        for run_id, (seq, node_id) in batch.acked.items():
+            spared = [t for n, t in self._followers(run_id).items() if n != node_id]
+            self._trim(run_id, min([seq, *spared]))
         for run_id, retention_s in batch.finished.items():
             self._finish(run_id, retention_s)
         for user_id, conn_id in batch.disconnected:
@@ -209,6 +212,9 @@ class MemorySharedState:
     async def trim(self, run_id: str, through_seq: int) -> None:
         """See :meth:`SharedState.trim`: a later append at or below ``through_seq`` is skipped."""
         await self._enter()
+        self._trim(run_id, through_seq)
+
+    def _trim(self, run_id: str, through_seq: int) -> None:
         run = self._live_run(run_id)
         if run is None:
             return
@@ -372,6 +378,9 @@ class MemorySharedState:
     async def followers(self, run_id: str) -> dict[str, int]:
         """See :meth:`SharedState.followers`."""
         await self._enter()
+        return self._followers(run_id)
+
+    def _followers(self, run_id: str) -> dict[str, int]:
         now = self.clock()
         return {node: through for node, (through, until) in self._follows.get(run_id, {}).items()
                 if until > now}

@@ -579,6 +579,33 @@ async def test_apply_writes_events_tools_ends_disconnects_and_drops_in_one_step(
     await store.a.apply(Batch())  # nothing to write
 
 
+async def test_an_acked_trim_spares_what_followers_on_other_nodes_still_need(
+    store: Store,
+) -> None:
+    for run in ("r1", "r2"):
+        await admit(store.a, run_record(run, request=f"q-{run}"))
+    await store.a.append_many({"r1": events(*range(1, 11)), "r2": events(1, 2, 3)})
+    await store.b.follow("r1", "n2", 60, 4)  # sockets on n2 have been sent up to 4
+    await store.a.follow("r1", "n1", 60, 2)  # the acking node's own word does not hold it
+    await store.b.follow("r1", "n3", 0.2, 1)  # a word about to expire
+    await store.a.apply(Batch(acked={"r1": (8, "n1"), "r2": (2, "n1"), "gone": (5, "n1")}))
+    assert (await store.b.read("r1", 0))[0] == 1  # n3 still follows (for 0.2 s)
+    assert await store.b.read("r2", 0) == (2, events(3))  # nobody follows r2
+    assert await store.b.record("gone") is None  # a run that is gone stays gone
+
+    async def n3_expired() -> bool:
+        return await store.a.followers("r1") == {"n1": 2, "n2": 4}
+
+    await poll(n3_expired)
+    await store.a.apply(Batch(acked={"r1": (8, "n1")}))
+    assert await store.b.read("r1", 0) == (4, events(*range(5, 11)))
+    await store.b.follow("r1", "n2", 60, 9)
+    await store.a.apply(Batch(acked={"r1": (8, "n1")}))
+    assert await store.b.read("r1", 0) == (8, events(9, 10))
+    await store.a.apply(Batch(acked={"r1": (3, "n1")}))  # never back
+    assert await store.b.read("r1", 0) == (8, events(9, 10))
+
+
 async def test_ping(store: Store) -> None:
     await store.a.ping()
     await store.b.ping()
