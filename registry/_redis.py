@@ -76,7 +76,7 @@ from coredis.retry import (
 
 from registry._errors import Overloaded, RateLimited
 from registry._shared import Batch, RunRecord, SharedStateUnavailable
-from registry._util import unwrapping_groups
+from registry._util import Deadline, deadlines, unwrapping_groups
 
 __all__ = ["RedisSharedState", "open_redis_state"]
 
@@ -420,6 +420,8 @@ class RedisSharedState:
     _tails: coredis.Redis[bytes] = attrs.field(init=False)
     _mail: coredis.Redis[bytes] = attrs.field(init=False)
     _scripts: dict[str, Script[bytes]] = attrs.field(init=False, factory=dict)
+    _fail_after: Deadline = attrs.field(init=False, default=anyio.fail_after)
+    _unavailable: tuple[type[BaseException], ...] = attrs.field(init=False, default=_UNAVAILABLE)
 
     def __attrs_post_init__(self) -> None:
         retry = ConstantRetryPolicy((coredis.exceptions.ConnectionError,), retries=2, delay=0.01)
@@ -437,6 +439,8 @@ class RedisSharedState:
 
         Enter it in the task that owns the state, before any task uses it.
         """
+        self._fail_after, too_slow = deadlines()
+        self._unavailable = (*_UNAVAILABLE, *too_slow)
         async with unwrapping_groups(), self._client, self._tails, self._mail:
             yield self
 
@@ -732,12 +736,12 @@ class RedisSharedState:
     def _guard(self, timeout_s: float | None = None) -> Iterator[None]:
         """Raises every connection error or timeout inside as SharedStateUnavailable."""
         try:
-            with anyio.fail_after(self.timeout_s if timeout_s is None else timeout_s):
+            with self._fail_after(self.timeout_s if timeout_s is None else timeout_s):
                 yield
-        except _UNAVAILABLE as exc:
+        except self._unavailable as exc:
             raise SharedStateUnavailable(f"redis: {exc!r}") from exc
         except BaseExceptionGroup as group:  # from the mailbox's subscriber task
-            unavailable, rest = group.split(_UNAVAILABLE)
+            unavailable, rest = group.split(self._unavailable)
             if unavailable is None or rest is not None:
                 raise
             raise SharedStateUnavailable(f"redis: {group!r}") from group

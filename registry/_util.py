@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 
 import anyio
 import anyio.lowlevel
 import sniffio
 import trio
 
-__all__ = ["Lock", "checkpoints", "new_lock", "unwrapping_groups"]
+__all__ = ["Lock", "checkpoints", "deadlines", "new_lock", "unwrapping_groups"]
 
 Checkpoint = Callable[[], Awaitable[None]]
+Deadline = Callable[[float], AbstractContextManager[object]]
 Lock = anyio.Lock | trio.Lock
 
 
@@ -32,6 +33,17 @@ def checkpoints() -> tuple[Checkpoint, Checkpoint]:
     if _on_trio():
         return trio.lowlevel.checkpoint_if_cancelled, trio.lowlevel.cancel_shielded_checkpoint
     return anyio.lowlevel.checkpoint_if_cancelled, anyio.lowlevel.cancel_shielded_checkpoint
+
+
+def deadlines() -> tuple[Deadline, tuple[type[Exception], ...]]:
+    """``fail_after`` of the running backend, and what it raises when time is up.
+
+    Under trio, trio's own (``TooSlowError``): anyio's scope around trio's costs as much
+    again, and a service node sets one per Redis call. Elsewhere, anyio's (``TimeoutError``).
+    """
+    if _on_trio():
+        return trio.fail_after, (trio.TooSlowError,)
+    return anyio.fail_after, (TimeoutError,)
 
 
 def new_lock() -> Lock:
