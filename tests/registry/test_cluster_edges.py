@@ -35,3 +35,42 @@ async def test_a_resume_while_the_detach_check_asks_the_other_nodes_keeps_the_ru
             final = await run.wait_done()
         assert final["status"] == "cancelled"
         assert trio.current_time() - left_again >= timeout
+
+
+# ========================================================================= acks
+async def test_an_ack_is_answered_once_its_trim_is_in_the_shared_log(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An ack's shared trim goes out with the node's next batch, and the ack waits for it:
+    when it is answered, every other node already sees the log trimmed."""
+    async with open_cluster("AB", rtt=0.25) as cluster:
+        socket = await Socket(cluster["A"]).connect()
+        run_id = await socket.start("chatty")
+        events = await socket.until_completed(run_id)
+        began = trio.current_time()
+        await cluster["A"].on_ack(run_id, USER, 4)
+        assert trio.current_time() - began >= 0.25  # a round trip: the batch's
+        assert (await cluster.shared.read(run_id, 0))[0] == 4
+        await cluster["A"].on_ack(run_id, USER, len(events))
+        assert await cluster.shared.read(run_id, 0) == (len(events), [])
+
+
+async def test_an_ack_during_an_outage_is_answered_at_once_and_trims_once_it_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While the shared state is unreachable an ack does not wait for it (the shared log
+    keeps more for a while; nothing is lost); its trim is written when the state is back."""
+    async with open_cluster("AB") as cluster:
+        socket = await Socket(cluster["A"]).connect()
+        run_id = await socket.start("chatty")
+        events = await socket.until_completed(run_id)
+        await trio.testing.wait_all_tasks_blocked()
+        cluster.shared.unavailable = True
+        while cluster["A"].shared_reachable:  # the next heartbeat notices
+            await trio.sleep(0.5)
+        began = trio.current_time()
+        await cluster["A"].on_ack(run_id, USER, len(events))
+        assert trio.current_time() == began
+        cluster.shared.unavailable = False
+        while (await cluster.shared.read(run_id, 0))[0] != len(events):
+            await trio.sleep(0.5)

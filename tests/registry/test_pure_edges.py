@@ -17,7 +17,7 @@ from registry import Config, EventType, PayloadError, Run, RunStream, StreamErro
 from registry._events import dump_payload
 from registry._manager import WebSocketManager
 from registry._outbound import OutboundQueue
-from registry._outbox import Abandon, Append, Disconnect, Finish, Outbox, Tools
+from registry._outbox import Abandon, Append, Disconnect, Finish, Outbox, Tools, Trim
 from registry._payloads import AgentCompleted, ToolCompleted, validate_payload
 from registry._retention import Retention
 from registry._stream import HeldBytes
@@ -279,3 +279,17 @@ def test_a_dropped_run_whose_owed_replay_overflows_a_socket_closes_it_with_4008(
     assert overflowed == [tight] and tight.close_code == 4008
     assert done.run_ids() == [] and done.close_code is None
 
+
+
+def test_the_outbox_is_full_past_either_bound() -> None:
+    by_count = Outbox(max_operations=2, max_bytes=BIG)
+    by_bytes = Outbox(max_operations=10, max_bytes=4)
+    for outbox in (by_count, by_bytes):
+        assert not outbox.full
+        outbox.push(Append("r1", ((1, b"abc"),)))
+        assert not outbox.full
+        outbox.push(Trim("r1", 1))
+        outbox.push(Append("r1", ((2, b"de"),)))
+        assert outbox.full
+        outbox.take()
+        assert not outbox.full
