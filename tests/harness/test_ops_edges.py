@@ -36,24 +36,42 @@ async def test_the_audit_collects_a_cycle_that_was_frozen(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Frozen objects are out of the collector's sight: a reference cycle among them stays.
-    Once the frozen population has grown enough, the audit unfreezes and collects once."""
-    keeper = HeapKeeper(freeze_every_s=1.0, audit_growth=1.0, audit_every_s=0.0, check_every=2)
+    Once the frozen population has grown enough since it was first measured, the audit
+    unfreezes and collects once."""
+    keeper = HeapKeeper(freeze_every_s=1.0, audit_growth=1.0, audit_every_s=0.0, check_every=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(keeper.serve)
         cycle = Node()
         cycle.me = cycle
         gone = weakref.ref(cycle)
         del cycle
-        hoard = [[index] for index in range(1000)]  # the frozen population grows
-        await trio.sleep(1.5)  # the first freeze: the cycle is frozen, no audit yet
+        await trio.sleep(1.5)  # the first freeze: the cycle is frozen, the population measured
         gc.collect()
         assert gone() is not None
         assert keeper.audits == 0
+        hoard = [[index] for index in range(1000)]  # the frozen population grows
         await trio.sleep(1.0)  # the second: an audit
         assert gone() is None
         assert keeper.audits == 1
         nursery.cancel_scope.cancel()
     assert len(hoard) == 1000
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("no_automatic_collection")
+async def test_a_heap_that_grew_to_its_load_and_stays_there_is_never_audited(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once a bug: the population was first measured at start-up, so the growth from an idle
+    server to a steady load triggered a full collection (a 250 ms pause in the soak)."""
+    keeper = HeapKeeper(freeze_every_s=1.0, audit_growth=2.0, audit_every_s=0.0, check_every=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.serve)
+        load = [[index] for index in range(max(3 * gc.get_freeze_count(), 10_000))]
+        await trio.sleep(10.5)  # ten freezes and checks of a steady heap
+        assert keeper.audits == 0
+        nursery.cancel_scope.cancel()
+    assert load
     gc.unfreeze()
 
 
