@@ -154,13 +154,13 @@ class ServerWebSocket:
             frame = self._frame(data, at, end)
             if frame is None:  # the header is not whole yet
                 self._needed = 0
-                if end - at >= 2 and not self._may_be_simple(data[at], data[at + 1]):
+                if end - at >= 2 and not self._simple(data[at], data[at + 1]):
                     # wsproto judges a frame by its first two bytes: it has them at once
                     self._by_wsproto(data[at + self._given:end], out, reply)
                     self._given = end - at
                 break
             start, size, mask = frame
-            if mask is None or not self._simple(data[at], size):
+            if mask is None or not self._simple(data[at], data[at + 1], size):
                 at += self._route(data[at], start - at + size)
                 continue
             if start + size > end:  # a simple frame, not whole yet
@@ -205,13 +205,14 @@ class ServerWebSocket:
         mask = data[start:start + 4] if minimal else None
         return start + 4, size, mask
 
-    def _simple(self, first: int, size: int) -> bool:
-        """Whether a frame is read here: a whole text message, a ping or a pong, while open."""
-        if self._ws.state is not ConnectionState.OPEN:
+    def _simple(self, first: int, second: int, size: int | None = None) -> bool:
+        """Whether a frame is read here: a whole masked text message, a ping or a pong, while
+        open. Without its ``size`` (the header is not whole yet): whether it may be."""
+        if self._ws.state is not ConnectionState.OPEN or not second & _MASKED:
             return False
         if first == _FIN_TEXT:
-            return not self._fragmented and size <= self.max_message_bytes
-        return first in (_FIN_PING, _FIN_PONG) and size <= _MAX_CONTROL
+            return not self._fragmented and (size is None or size <= self.max_message_bytes)
+        return first in (_FIN_PING, _FIN_PONG) and second & 0x7F <= _MAX_CONTROL
 
     def _read_simple(self, first: int, payload: bytes, out: list[Inbound],
                      reply: bytearray) -> bool:
@@ -226,13 +227,6 @@ class ServerWebSocket:
         else:
             self.pongs += 1
         return True
-
-    def _may_be_simple(self, first: int, second: int) -> bool:
-        if self._ws.state is not ConnectionState.OPEN or not second & _MASKED:
-            return False
-        if first == _FIN_TEXT:
-            return not self._fragmented
-        return first in (_FIN_PING, _FIN_PONG) and second & 0x7F <= _MAX_CONTROL
 
     def _route(self, first: int, length: int) -> int:
         """The frame starting with byte ``first``, ``length`` bytes long, is wsproto's.

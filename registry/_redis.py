@@ -188,18 +188,29 @@ end
 return 0
 """
 
-_TRIM: Final = _NOW_MS + """
+#: ``live_follows(key, except_node)``: node -> seq of a follow hash's entries not expired.
+_LIVE_FOLLOWS: Final = _NOW_MS + """
+local function live_follows(key, except_node)
+  local live = {}
+  local follows = redis.call('HGETALL', key)
+  for i = 1, #follows, 2 do
+    local seq, untils = string.match(follows[i + 1], '(%d+) (%d+)')
+    if follows[i] ~= except_node and tonumber(untils) > now_ms then
+      live[follows[i]] = tonumber(seq)
+    end
+  end
+  return live
+end
+"""
+
+_TRIM: Final = _LIVE_FOLLOWS + """
 -- KEYS: run, log[, follow]; ARGV: through[, node_id]
 -- With the follow hash: never past what a follower other than node_id still needs.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local through = tonumber(ARGV[1])
 if KEYS[3] then
-  local follows = redis.call('HGETALL', KEYS[3])
-  for i = 1, #follows, 2 do
-    if follows[i] ~= ARGV[2] then
-      local seq, untils = string.match(follows[i + 1], '(%d+) (%d+)')
-      if tonumber(untils) > now_ms and tonumber(seq) < through then through = tonumber(seq) end
-    end
+  for _, seq in pairs(live_follows(KEYS[3], ARGV[2])) do
+    if seq < through then through = seq end
   end
 end
 if through <= tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0') then return 0 end
@@ -229,16 +240,12 @@ if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) en
 return 0
 """
 
-_FOLLOWERS: Final = _NOW_MS + """
+_FOLLOWERS: Final = _LIVE_FOLLOWS + """
 -- KEYS: follow; returns node, through, node, through... of the entries not expired
 local out = {}
-local follows = redis.call('HGETALL', KEYS[1])
-for i = 1, #follows, 2 do
-  local seq, untils = string.match(follows[i + 1], '(%d+) (%d+)')
-  if tonumber(untils) > now_ms then
-    table.insert(out, follows[i])
-    table.insert(out, seq)
-  end
+for node, seq in pairs(live_follows(KEYS[1], false)) do
+  table.insert(out, node)
+  table.insert(out, seq)
 end
 return out
 """
