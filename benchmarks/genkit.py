@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 SOCKETS_PER_USER: Final = 4
 """Sockets sharing one user id: below the server's max_connections_per_user (5) with room for
@@ -20,6 +20,9 @@ PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 GC_PREFIX: Final = "registry_gc_"
 """The garbage-collector figures every benchmarked server serves on ``/metrics``: the registry's
 own (``harness._ops``) and the same names from the peers (:mod:`benchmarks.gcwatch`)."""
+GC_PAUSE_LIMIT_S: Final = 0.025
+"""A collector pause longer than this (seconds) is a stall: counted per interval from the
+servers' pause histogram (one of its bounds)."""
 
 
 def user_name(prefix: str, index: int) -> str:
@@ -80,29 +83,36 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return samples
 
 
-def gc_figures(samples: Mapping[str, float]) -> dict[str, float] | None:
+def gc_figures(samples: Mapping[str, float]) -> dict[str, Any] | None:
     """Return the collector figures of a /metrics page: collections by generation, total and
-    longest pause (seconds); None when the page has none."""
+    longest pause (seconds) and the pause histogram (``{upper bound: pauses at or below}``,
+    empty from a server without it); None when the page has none."""
     total = samples.get(f"{GC_PREFIX}pause_seconds_total")
     if total is None:
         return None
-    out = {"pause_total_s": total, "longest_s": samples.get(f"{GC_PREFIX}pause_longest_seconds", 0)}
+    out: dict[str, Any] = {
+        "pause_total_s": total, "longest_s": samples.get(f"{GC_PREFIX}pause_longest_seconds", 0)}
     for generation in range(3):
         key = f'{GC_PREFIX}collections_total{{generation="{generation}"}}'
         out[f"gen{generation}"] = samples.get(key, 0.0)
+    prefix = f'{GC_PREFIX}pause_duration_seconds_bucket{{le="'
+    out["buckets"] = {float(name[len(prefix):-2]): value for name, value in samples.items()
+                      if name.startswith(prefix) and not name.endswith('"+Inf"}')}
     return out
 
 
 def gc_delta(
-    before: Mapping[str, float] | None, after: Mapping[str, float] | None
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
 ) -> dict[str, float | None] | None:
     """Return what the collector did between two :func:`gc_figures` readings (None if either is
     missing).
 
-    The servers only publish the longest pause *since they started*, so the longest pause of
-    the interval is known exactly (``longest_ms``) only when that figure grew in it; otherwise
-    ``longest_ms`` is None and the interval's longest pause is at most ``longest_bound_ms``
-    (the smaller of the earlier record and the interval's pause total).
+    The longest pause of the interval is known exactly (``longest_ms``) only when the server's
+    longest-since-start figure grew in it; otherwise ``longest_ms`` is None and the interval's
+    longest pause is at most ``longest_bound_ms``: the smallest of the earlier record, the
+    interval's pause total and the lowest histogram bound that every pause of the interval
+    fell under. ``over_limit`` counts the interval's pauses longer than ``GC_PAUSE_LIMIT_S``
+    (None from a server without the histogram).
     """
     if before is None or after is None:
         return None
@@ -110,12 +120,17 @@ def gc_delta(
     count = sum(gens.values())
     total_ms = (after["pause_total_s"] - before["pause_total_s"]) * 1000
     grew = after["longest_s"] > before["longest_s"]
+    under = {bound: after["buckets"][bound] - before.get("buckets", {}).get(bound, 0.0)
+             for bound in after.get("buckets", {})}
+    bounds = [before["longest_s"] * 1000, total_ms]
+    bounds += [bound * 1000 for bound, n in under.items() if n >= count]
     return {
         **gens,
         "collections": count,
         "pause_total_ms": round(total_ms, 3),
         "pause_mean_ms": round(total_ms / count, 3) if count else 0.0,
         "longest_ms": round(after["longest_s"] * 1000, 3) if grew else None,
-        "longest_bound_ms": None if grew else round(min(before["longest_s"] * 1000, total_ms), 3),
+        "longest_bound_ms": None if grew else round(min(bounds), 3),
         "longest_since_start_ms": round(after["longest_s"] * 1000, 3),
+        "over_limit": count - under[GC_PAUSE_LIMIT_S] if GC_PAUSE_LIMIT_S in under else None,
     }

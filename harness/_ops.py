@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import itertools
 import json
 import math
 import time
@@ -45,6 +46,10 @@ TEXT: Final = "text/plain; charset=utf-8"
 #: Upper bounds (seconds) of the delivery-latency histogram's buckets.
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                           1.0, 2.5, 5.0, 10.0)
+#: Upper bounds (seconds) of the collector-pause histogram's buckets: a reader of two scrapes
+#: knows how many pauses in between were longer than each (the longest-pause gauge only
+#: says what happened since the server started).
+GC_PAUSE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 #: How many seconds of one-per-second samples the dashboard's charts show.
 HISTORY_S: Final = 300
 #: Most latencies kept per sample interval for its percentiles (the rest are only counted).
@@ -146,11 +151,14 @@ class _Latency:
         return samples
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip((*LATENCY_BUCKETS, math.inf), self.buckets, strict=True):
-            running += count
-            out.append(("+Inf" if bound == math.inf else repr(bound), float(running)))
-        return out
+        return cumulative_buckets(LATENCY_BUCKETS, self.buckets)
+
+
+def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """A histogram's buckets as prometheus-client takes them: ``(upper bound, count at or
+    below it)``, ``+Inf`` last; ``counts`` has one entry per bound and one beyond them."""
+    labels = [*map(repr, bounds), "+Inf"]
+    return list(zip(labels, map(float, itertools.accumulate(counts)), strict=True))
 
 
 def _percentile_ms(samples: list[float], fraction: float) -> float | None:
@@ -166,15 +174,18 @@ class CollectorPauses:
 
     Use it as a context manager: it watches from entry to exit. A pause is the time from a
     collection's start callback to its stop callback, in which the event loop is stopped.
+    ``by_bucket[i]`` counts the pauses of at most ``GC_PAUSE_BUCKETS[i]`` seconds that were
+    longer than the bucket before (the last entry: longer than every bound).
     """
 
-    __slots__ = ("_started", "by_generation", "count", "longest_s", "total_s")
+    __slots__ = ("_started", "by_bucket", "by_generation", "count", "longest_s", "total_s")
 
     def __init__(self) -> None:
         self.count = 0
         self.total_s = 0.0
         self.longest_s = 0.0
         self.by_generation = [0, 0, 0]
+        self.by_bucket = [0] * (len(GC_PAUSE_BUCKETS) + 1)
         self._started = 0.0
 
     def __enter__(self) -> CollectorPauses:
@@ -193,6 +204,10 @@ class CollectorPauses:
         self.total_s += pause
         self.longest_s = max(self.longest_s, pause)
         self.by_generation[info.get("generation", 2)] += 1
+        self.by_bucket[bisect.bisect_left(GC_PAUSE_BUCKETS, pause)] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        return cumulative_buckets(GC_PAUSE_BUCKETS, self.by_bucket)
 
 
 @final
@@ -426,6 +441,9 @@ class _Collector:
         yield GaugeMetricFamily("registry_gc_pause_longest_seconds",
                                 "The longest garbage-collection pause so far.",
                                 value=pauses.longest_s)
+        yield HistogramMetricFamily(
+            "registry_gc_pause_duration_seconds", "Garbage-collection pauses, by length.",
+            buckets=pauses.cumulative(), sum_value=pauses.total_s)
 
     def _events(self, stats: Any) -> Iterator[Metric]:
         ops = self.ops

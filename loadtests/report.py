@@ -257,15 +257,18 @@ def gc_text(gc: Mapping[str, Any]) -> str:
 
 
 def gc_note(gc: Mapping[str, Any] | None) -> list[str]:
-    """A line explaining the longest pause when it is older than the load."""
-    if not gc or gc.get("longest_during_load", True):
-        return []
-    return [
-        "",
-        f"The longest GC pause ({gc['longest_ms']:.1f} ms) came before the load (start-up): "
-        "every pause during the load was at most that long (the server's gauge covers its "
-        "whole life).",
-    ]
+    """Lines explaining the longest pause when it is older than the load, and the stalls."""
+    lines: list[str] = []
+    if gc and not gc.get("longest_during_load", True):
+        lines += [
+            "",
+            f"The longest GC pause ({gc['longest_ms']:.1f} ms) came before the load (start-up): "
+            "every pause during the load was at most that long (the server's gauge covers its "
+            "whole life).",
+        ]
+    if gc and gc.get("over_25ms") is not None:
+        lines += ["", f"GC pauses longer than 25 ms during the load: {gc['over_25ms']}."]
+    return lines
 
 
 def _column(client: Mapping[str, Any], metrics: Mapping[str, Any], resources: Mapping[str, Any],

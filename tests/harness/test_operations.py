@@ -237,7 +237,14 @@ async def test_metrics_is_prometheus_text_format_0_0_4() -> None:
         answer = await http(server, "/metrics")
     assert answer.status == 200
     assert re.fullmatch(r"text/plain; ?version=0\.0\.4(; ?charset=utf-8)?", answer.content_type)
-    assert list(text_string_to_metric_families(answer.body.decode()))
+    families = {f.name: f for f in text_string_to_metric_families(answer.body.decode())}
+    collections = sum(s.value for s in families["registry_gc_collections"].samples)
+    pauses = {s.name: s.value for s in families["registry_gc_pause_duration_seconds"].samples
+              if s.labels.get("le") in (None, "+Inf")}
+    # start-up's own collection at least; every one in the pause histogram too
+    assert collections >= 1
+    assert pauses["registry_gc_pause_duration_seconds_count"] == collections
+    assert pauses["registry_gc_pause_duration_seconds_bucket"] == collections
 
 
 async def test_dashboard_is_html_with_every_required_figure() -> None:
