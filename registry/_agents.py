@@ -206,7 +206,9 @@ class AgentContext:
         """Waits ``seconds`` (a cancellation point, like any wait of the run).
 
         Cheaper than ``trio.sleep`` when many runs pace their events: the registry's
-        :class:`~registry._timers.Pacer` wakes every run due at one tick together.
+        :class:`~registry._timers.Pacer` wakes every run due at one tick together. The wait
+        may end a little late: up to 2 ms, or up to 16 ms for a wait of half a second or
+        more (at most 3.2 % of it), so that runs pacing long waits share their wake-ups.
         """
         await self._sleep(seconds)
 

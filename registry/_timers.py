@@ -7,7 +7,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, final
+from typing import Generic, TypeVar, final
 
 import anyio
 import anyio.abc
@@ -101,51 +101,64 @@ class Pacer:
     A ``trio.sleep`` arms a cancel scope with a deadline for every call, and expiring it
     re-computes cancel status; with thousands of runs each sleeping between events, that
     is most of the server's CPU. Here a sleeping task parks in the lot of its deadline,
-    rounded up to ``resolution``, and one service task wakes each lot when it is due: a
-    sleep costs a park and an unpark. It is a cancellation point like any sleep. Under a
-    backend other than trio it is ``anyio.sleep``.
+    rounded up to a tick, and one service task wakes each lot when it is due: a sleep costs
+    a park and an unpark, and the service pays one expiring deadline per tick, however many
+    sleepers it wakes. A tick is ``resolution`` long, or ``coarse`` for a sleep of at least
+    ``coarse_after`` (its deadline then moves at most ``coarse / coarse_after`` of it
+    later), so many runs pacing long sleeps share few ticks. It is a cancellation point
+    like any sleep. Under a backend other than trio it is ``anyio.sleep``.
 
     Args:
         resolution: Deadlines are rounded up to a multiple of this (seconds).
+        coarse: The tick of long sleeps, a multiple of ``resolution``.
+        coarse_after: The shortest sleep given the coarse tick.
     """
 
-    def __init__(self, resolution: float = 0.002) -> None:
+    def __init__(self, resolution: float = 0.002, coarse: float = 0.016,
+                 coarse_after: float = 0.5) -> None:
         self.resolution = resolution
-        self._lots: dict[int, Any] = {}
+        self._coarse = max(1, round(coarse / resolution))  # in resolutions
+        self._coarse_after = coarse_after
+        self._lots: dict[int, trio.lowlevel.ParkingLot] = {}
         self._ticks: list[int] = []
-        self._wake = anyio.Event()
+        self._idle = trio.lowlevel.ParkingLot()  # the service, waiting for an earlier tick
         self._serving = False
 
     async def sleep(self, seconds: float) -> None:
-        """Waits at least ``seconds`` (at most ``resolution`` more)."""
+        """Waits at least ``seconds`` (at most one tick more)."""
         if not self._serving or seconds <= 0:
             await anyio.sleep(seconds)
             return
-        tick = math.ceil((anyio.current_time() + seconds) / self.resolution)
+        tick = math.ceil((trio.current_time() + seconds) / self.resolution)
+        if seconds >= self._coarse_after:
+            tick = -(-tick // self._coarse) * self._coarse
         lot = self._lots.get(tick)
         if lot is None:
             lot = self._lots[tick] = trio.lowlevel.ParkingLot()
             heapq.heappush(self._ticks, tick)
             if self._ticks[0] == tick:
-                self._wake.set()
+                self._idle.unpark_all()
         await lot.park()
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Wakes each lot when its tick is due (under trio; otherwise it only waits)."""
+        """Wakes each lot when its tick is due (under trio; otherwise it only waits).
+
+        Nothing else runs between reading the earliest tick and parking, so a sleeper that
+        pushes an earlier one always finds the service parked (or about to read again).
+        """
         self._serving = sniffio.current_async_library() == "trio"
         task_status.started()
         if not self._serving:
             await anyio.sleep_forever()
         while True:
-            self._wake = anyio.Event()
             if not self._ticks:
-                await self._wake.wait()
+                await self._idle.park()
                 continue
             due = self._ticks[0] * self.resolution
-            if due > anyio.current_time():
-                with anyio.move_on_after(due - anyio.current_time()):
-                    await self._wake.wait()
+            if due > trio.current_time():
+                with trio.move_on_at(due):
+                    await self._idle.park()
                 continue
             self._lots.pop(heapq.heappop(self._ticks)).unpark_all()

@@ -66,7 +66,7 @@ async def test_an_agent_sees_its_request_through_its_context(
         run, _ = reg.start_run(user_id=USER, request_id="r", agent="introspect",
                                message="hello", context={"k": 1}, thread_id="t-1")
         payload = await run.wait_done()
-        assert trio.current_time() - t0 == pytest.approx(3)
+        assert 3 <= trio.current_time() - t0 <= 3.016  # at most one of the pacer's long ticks
         assert payload["result"] == {"message": "hello", "context": {"k": 1},
                                      "run_id": run.run_id, "user_id": USER, "thread_id": "t-1"}
         assert run.last_seq == 2
