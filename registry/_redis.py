@@ -31,10 +31,12 @@ Each state change is one Lua script (one round trip, atomic): ``admit`` (dedup c
 limits, registration), ``finish``, ``drop``, ``set_open_tools`` and ``trim`` (which never
 recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_nodes``,
 ``claim``, ``forget_node``, ``restore`` (a node writes its runs again into a Redis that lost
-them: ``heartbeat`` tells it). A node writes a batch in one ``MULTI``/``EXEC`` of
-``EVALSHA`` calls (one round trip; scripts by SHA, reloaded once on ``NOSCRIPT``): per run
-an ``append`` script of one ``XADD`` per event (an id already there is skipped; a tail sees
-the batch whole), then open tools, ends, disconnects and drops; ``read`` is ``HGET trimmed``
+them: ``heartbeat`` tells it). The admissions asked for at one moment (a burst of starts) go
+together in one ``admit_many`` script, each admitted in turn. A node writes a batch in one
+``apply`` script (one command and round trip; by SHA, loaded again on ``NOSCRIPT``) that
+runs the steps ``append`` (one ``XADD`` per event of every run; an id already there is
+skipped; a tail sees the batch whole), then open tools, trims, ends, disconnects and drops,
+each the script of that name as a Lua function; ``read`` is ``HGET trimmed``
 + ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool
 (``max_tails`` connections), so that waiting tails never hold the connections the others
 multiplex on. Every command is safe to run twice (coredis retries one whose connection
@@ -65,7 +67,6 @@ import coredis.exceptions
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from coredis.commands.script import Script
-from coredis.exceptions import NoScriptError
 from coredis.response.types import StreamEntry
 from coredis.retry import (
     CompositeRetryPolicy,
@@ -364,18 +365,21 @@ def _record(run_id: str, fields: Mapping[Any, Any]) -> RunRecord:
     )
 
 
-def _check_batch(results: Sequence[Any]) -> None:
-    """Raises what went wrong in a batch; an event id already there is not wrong."""
-    for result in results:
-        if isinstance(result, _UNAVAILABLE):
-            raise SharedStateUnavailable(f"redis: {result!r}") from result
-        if isinstance(result, BaseException) and "equal or smaller" not in str(result):
-            raise result  # a bug (WRONGTYPE...): an id already there is the only refusal
-
-
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
     """A Lua ``HGETALL`` reply (a flat list) as a mapping."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@final
+@attrs.define(eq=False)
+class _Admission:
+    """One ``admit`` waiting for its batch: its keys and args, then its reply or failure."""
+
+    keys: list[str]
+    args: list[str | int]
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    reply: Any = None
+    failure: Exception | None = None
 
 
 @final
@@ -429,6 +433,8 @@ class RedisSharedState:
     _scripts: dict[str, Script[bytes]] = attrs.field(init=False, factory=dict)
     _fail_after: Deadline = attrs.field(init=False, default=anyio.fail_after)
     _unavailable: tuple[type[BaseException], ...] = attrs.field(init=False, default=_UNAVAILABLE)
+    _admissions: list[_Admission] = attrs.field(init=False, factory=list)
+    _admission_queued: anyio.Event | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         retry = ConstantRetryPolicy((coredis.exceptions.ConnectionError,), retries=2, delay=0.01)
@@ -448,15 +454,24 @@ class RedisSharedState:
         """
         self._fail_after, too_slow = deadlines()
         self._unavailable = (*_UNAVAILABLE, *too_slow)
-        async with unwrapping_groups(), self._client, self._tails, self._mail:
-            yield self
+        async with unwrapping_groups(), self._client, self._tails, self._mail, \
+                anyio.create_task_group() as services:
+            await services.start(self._admitter)
+            try:
+                yield self
+            finally:
+                services.cancel_scope.cancel()
 
     # ------------------------------------------------------------ admission
     async def admit(
         self, record: RunRecord, *, max_active_runs_per_user: int, max_active_runs: int,
         dedup_ttl_s: float,
     ) -> tuple[RunRecord, bool]:
-        """See :meth:`SharedState.admit`; a retried admit of the same run_id is not a duplicate."""
+        """See :meth:`SharedState.admit`; a retried admit of the same run_id is not a duplicate.
+
+        Admissions asked for at one moment (runs started together) share one command: see
+        :meth:`_admitter`.
+        """
         keys = [
             self._key("dedup:", _h(record.user_id), ":", _h(record.request_id)),
             self._key("active:user:", _h(record.user_id)), self._key("active:all"),
@@ -467,7 +482,16 @@ class RedisSharedState:
             self.key_prefix, record.user_id, record.request_id, record.thread_id, record.agent,
             record.node_id, json.dumps(dict(record.open_tools)),
         ]
-        reply = await self._run_script("admit", keys, args)
+        admission = _Admission(keys, args)
+        self._admissions.append(admission)
+        if self._admission_queued is not None:
+            self._admission_queued.set()
+        await admission.done.wait()
+        if admission.failure is not None:
+            if isinstance(admission.failure, SharedStateUnavailable):
+                raise SharedStateUnavailable(str(admission.failure)) from admission.failure
+            raise RuntimeError(f"admission failed: {admission.failure!r}") from admission.failure
+        reply = admission.reply
         code = int(reply[0])
         if code == _DUPLICATE:
             existing = _record(_text(reply[1]), _pairs(reply[2]))
@@ -477,6 +501,31 @@ class RedisSharedState:
         if code == _OVERLOADED:
             raise Overloaded(f"at max_active_runs ({max_active_runs})")
         return record, False
+
+    async def _admitter(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sends the admissions queued, all of them in one ``admit_many`` script, until
+        cancelled. A caller that stops waiting does not take its admission back (it may
+        already be in Redis): the registry drops such a run."""
+        task_status.started()
+        while True:
+            if not self._admissions:
+                self._admission_queued = anyio.Event()
+                await self._admission_queued.wait()
+            batch, self._admissions = self._admissions, []
+            try:
+                replies = await self._run_script(
+                    "admit_many", [key for a in batch for key in a.keys],
+                    [arg for a in batch for arg in a.args])
+            except Exception as exc:  # every admission of the batch gets it
+                for admission in batch:
+                    admission.failure = exc
+            else:
+                for admission, reply in zip(batch, replies, strict=True):
+                    admission.reply = reply
+            for admission in batch:
+                admission.done.set()
 
     async def set_open_tools(self, run_id: str, open_tools: Mapping[str, str]) -> None:
         """See :meth:`SharedState.set_open_tools` (a run that is gone is left alone)."""
@@ -513,56 +562,42 @@ class RedisSharedState:
         await self.apply(Batch(logs=logs, open_tools=open_tools or {}))
 
     async def apply(self, batch: Batch) -> None:
-        """See :meth:`SharedState.apply`: one ``MULTI`` of ``EVALSHA`` calls, one round trip:
-        every run's events (one ``append`` script), then the other scripts (a tail sees each
-        run's events whole). A Redis that lost the scripts (restarted) gets them again, and
-        the batch is applied again."""
+        """See :meth:`SharedState.apply`: one ``apply`` script, one command and one round
+        trip: every run's events (the ``append`` step), then the other steps (a tail sees
+        each run's events whole). Every step is idempotent, so a batch that failed half-way
+        is applied again whole."""
         if batch.empty:
             return
-        for attempt in (1, 2):
-            with self._guard():
-                async with self._client.pipeline(transaction=True, raise_on_error=False) as pipe:
-                    self._queue(pipe, batch)
-            results = list(pipe.results or ())
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
-                await self._load_scripts()
-                continue
-            _check_batch(results)
-            return
+        keys: list[str] = []
+        calls: list[int] = []
+        args: list[str | int | bytes] = []
 
-    def _queue(self, pipe: Any, batch: Batch) -> None:
+        def call(step: str, step_keys: list[str], step_args: list[str | int | bytes]) -> None:
+            calls.extend((_BATCH_STEPS.index(step) + 1, len(step_keys), len(step_args)))
+            keys.extend(step_keys)
+            args.extend(step_args)
+
         logs = {run_id: entries for run_id, entries in batch.logs.items() if entries}
         if logs:
-            args: list[str | int | bytes] = []
+            logged: list[str | int | bytes] = []
             for entries in logs.values():
-                args.append(len(entries))
-                args += [part for entry in entries for part in entry]
-            self._evalsha(pipe, "append", [self._key("log:", r) for r in logs], args)
+                logged.append(len(entries))
+                logged += [part for entry in entries for part in entry]
+            call("append", [self._key("log:", r) for r in logs], logged)
         if batch.open_tools:
-            self._evalsha(pipe, "set_open_tools",
-                          [self._key("run:", run_id) for run_id in batch.open_tools],
-                          [json.dumps(dict(tools)) for tools in batch.open_tools.values()])
+            call("set_open_tools", [self._key("run:", run_id) for run_id in batch.open_tools],
+                 [json.dumps(dict(tools)) for tools in batch.open_tools.values()])
         for run_id, (seq, node_id) in batch.acked.items():
-            keys = [*self._run_keys(run_id)[:2], self._key("follow:", run_id)]
-            self._evalsha(pipe, "trim", keys, [seq, node_id])
+            call("trim", [*self._run_keys(run_id)[:2], self._key("follow:", run_id)],
+                 [seq, node_id])
         for run_id, retention_s in batch.finished.items():
-            self._evalsha(pipe, "finish", self._run_keys(run_id),
-                          [run_id, _ms(retention_s), self.key_prefix])
+            call("finish", self._run_keys(run_id), [run_id, _ms(retention_s), self.key_prefix])
         for user_id, conn_id in batch.disconnected:
-            self._evalsha(pipe, "disconnect", [self._key("conns:", _h(user_id))],
-                          [conn_id, f"{_h(user_id)}:{conn_id}", self.key_prefix])
+            call("disconnect", [self._key("conns:", _h(user_id))],
+                 [conn_id, f"{_h(user_id)}:{conn_id}", self.key_prefix])
         for run_id in batch.dropped:
-            self._evalsha(pipe, "drop", self._run_keys(run_id), [run_id, self.key_prefix])
-
-    def _evalsha(
-        self, pipe: Any, name: str, keys: list[str], args: list[str | int | bytes]
-    ) -> None:
-        pipe.evalsha(self._scripts[name].sha, keys=keys, args=args)
-
-    async def _load_scripts(self) -> None:
-        with self._guard():
-            for script in self._scripts.values():
-                await self._client.script_load(script.script)
+            call("drop", self._run_keys(run_id), [run_id, self.key_prefix])
+        await self._run_script("apply", keys, [len(calls) // 3, *calls, *args])
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`: one ``MULTI`` of ``HGET`` and ``XRANGE``."""
@@ -754,13 +789,54 @@ class RedisSharedState:
             raise SharedStateUnavailable(f"redis: {group!r}") from group
 
 
+#: Every admission queued at one moment in one script (one command, one round trip): the
+#: ``admit`` script per admission in turn (a second start of one request sees the first).
+_ADMIT_MANY: Final = f"local function admit(KEYS, ARGV)\n{_ADMIT}\nend\n" + """
+-- KEYS: 5 per admission; ARGV: 11 per admission, in the same order. Replies in that order.
+local replies = {}
+for i = 0, #KEYS / 5 - 1 do
+  local keys, args = {}, {}
+  for j = 1, 5 do keys[j] = KEYS[5 * i + j] end
+  for j = 1, 11 do args[j] = ARGV[11 * i + j] end
+  replies[i + 1] = admit(keys, args)
+end
+return replies
+"""
+
+#: The scripts a batch is made of, in the order :meth:`RedisSharedState.apply` runs them.
+_BATCH_STEPS: Final = ("append", "set_open_tools", "trim", "finish", "disconnect", "drop")
+
+#: One batch in one script (atomic like a ``MULTI``, one command instead of one per run):
+#: each step above is a function of its own KEYS and ARGV, and the batch is a list of calls.
+_APPLY: Final = "".join(
+    f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+    for name, body in zip(_BATCH_STEPS, (_APPEND, _SET_OPEN_TOOLS, _TRIM, _FINISH, _DISCONNECT,
+                                         _DROP), strict=True)
+) + """
+-- ARGV: the number of calls c, then per call (step, its key count, its arg count), then
+-- every call's args in turn; KEYS: every call's keys in turn. Stops at a step's error.
+local steps = {append, set_open_tools, trim, finish, disconnect, drop}
+local calls = tonumber(ARGV[1])
+local k, a = 1, 2 + 3 * calls
+for i = 0, calls - 1 do
+  local nk, na = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j - 1] end
+  for j = 1, na do args[j] = ARGV[a + j - 1] end
+  k, a = k + nk, a + na
+  local result = steps[tonumber(ARGV[2 + 3 * i])](keys, args)
+  if type(result) == 'table' and result.err then return result end
+end
+return 0
+"""
+
 _SCRIPTS: Final = {
     "append": _APPEND, "admit": _ADMIT, "finish": _FINISH, "drop": _DROP,
     "set_open_tools": _SET_OPEN_TOOLS,
     "trim": _TRIM, "follow": _FOLLOW, "followers": _FOLLOWERS,
     "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
     "dead_nodes": _DEAD_NODES, "claim": _CLAIM, "forget_node": _FORGET_NODE,
-    "restore": _RESTORE,
+    "restore": _RESTORE, "apply": _APPLY, "admit_many": _ADMIT_MANY,
 }
 
 

@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
+
 from registry._cluster import dedup_ttl_s
 from registry._errors import (
     InvalidField,
@@ -153,6 +155,9 @@ class ServiceAPI(abc.ABC):
             self._unreachable()
             self._owe(Abandon(record.run_id))  # in case Redis runs it after all
             raise Overloaded("the service's shared state is unreachable") from None
+        except anyio.get_cancelled_exc_class():
+            self._owe(Abandon(record.run_id))  # it may be admitted all the same
+            raise
 
     async def _find(self, run_id: str, user_id: str) -> Run | RunRecord:
         """The run here (its own or a mirror), else the shared record of another node's run."""

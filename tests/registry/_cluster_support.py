@@ -75,6 +75,7 @@ class Link:
         tail_gate: While set and not yet set()/released, ``tail`` calls wait for it first.
         lose_admit_replies: An ``admit`` is done in the store, but its answer never comes
             back: the node sees SharedStateUnavailable (a timeout).
+        hang_after_admit: An ``admit`` is done in the store, and its answer takes forever.
     """
 
     target: MemorySharedState
@@ -82,6 +83,7 @@ class Link:
     frozen: bool = False
     tail_gate: trio.Event | None = None
     lose_admit_replies: bool = False
+    hang_after_admit: bool = False
 
     async def _enter(self) -> None:
         if self.frozen:
@@ -101,6 +103,8 @@ class Link:
             max_active_runs=max_active_runs, dedup_ttl_s=dedup_ttl_s)
         if self.lose_admit_replies:
             raise SharedStateUnavailable("the admit timed out (it was done in the store)")
+        if self.hang_after_admit:
+            await trio.sleep_forever()
         return answer
 
     async def set_open_tools(self, run_id: str, open_tools: Mapping[str, str]) -> None:

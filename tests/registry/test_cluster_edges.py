@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 import trio.testing
 
@@ -74,3 +76,32 @@ async def test_an_ack_during_an_outage_is_answered_at_once_and_trims_once_it_is_
         cluster.shared.unavailable = False
         while (await cluster.shared.read(run_id, 0))[0] != len(events):
             await trio.sleep(0.5)
+
+
+# ==================================================================== admission
+async def test_a_start_given_up_while_its_admission_is_out_leaves_no_run_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The caller of a start stops waiting (its socket went away) after the shared state
+    admitted the run but before the answer came: the run would hold the user's slot and
+    request forever. The node drops it with its next batch."""
+    async with open_cluster("A", max_active_runs_per_user=1) as cluster:
+        link = cluster.nodes["A"].link
+        link.hang_after_admit = True
+        with trio.move_on_after(1) as gave_up:
+            await cluster["A"].on_start_agent(user_id=USER, request_id="q", agent="chatty",
+                                              message="hi")
+        assert gave_up.cancelled_caught
+        link.hang_after_admit = False
+        start: dict[str, Any] = {"user_id": USER, "request_id": "q", "agent": "chatty",
+                                 "message": "hi"}
+        abandoned, duplicate = await cluster["A"].on_start_agent(**start)
+        assert duplicate  # (until the drop is written, the request still names that run)
+        with trio.fail_after(5):
+            while await cluster.shared.record(abandoned.run_id) is not None:
+                await trio.sleep(0.1)
+        run, duplicate = await cluster["A"].on_start_agent(**start)  # slot and request free
+        assert not duplicate and run.run_id != abandoned.run_id
+        socket = await Socket(cluster["A"]).connect()
+        await socket.resume(run.run_id, 0)
+        assert (await socket.until_completed(run.run_id))[-1]["payload"]["status"] == "succeeded"

@@ -146,6 +146,35 @@ async def test_the_service_at_its_limit_is_overloaded_on_every_node(store: Store
         await admit(store.a, run_record("r4", user="u1"), per_user=1, total=2)
 
 
+async def test_admissions_at_one_moment_each_get_their_own_answer(store: Store) -> None:
+    """Twelve starts at once, as a burst of clients starting their next runs: two ask for
+    the same request (one run, the other a duplicate), one user goes over its limit, and
+    the rest are admitted, each told its own outcome."""
+    answers: dict[str, tuple[RunRecord, bool]] = {}
+    refused: list[str] = []
+
+    async def start(record: RunRecord, per_user: int = 10) -> None:
+        try:
+            answers[record.run_id] = await admit(store.a, record, per_user=per_user)
+        except RateLimited:
+            refused.append(record.run_id)
+
+    records = [run_record(f"r{i}", user=f"u{i}") for i in range(8)]
+    twins = [run_record("t1", user="twin", request="same"),
+             run_record("t2", user="twin", request="same")]
+    async with trio.open_nursery() as nursery:
+        for record in records + twins:
+            nursery.start_soon(start, record)
+        for run_id in ("l1", "l2"):
+            nursery.start_soon(start, run_record(run_id, user="busy"), 1)
+    for record in records:
+        assert answers[record.run_id] == (record, False)
+    (first, first_dup), (second, second_dup) = answers["t1"], answers["t2"]
+    assert first.run_id == second.run_id
+    assert sorted([first_dup, second_dup]) == [False, True]
+    assert len(refused) == 1 and ({"l1", "l2"} - set(refused)) <= set(answers)
+
+
 async def test_a_duplicate_is_found_even_at_the_limits(store: Store) -> None:
     first = run_record("r1", request="q")
     await admit(store.a, first, per_user=1, total=1)
@@ -791,8 +820,8 @@ def _h(value: str) -> str:
 async def test_a_batch_is_applied_whole_after_redis_forgot_its_scripts(
     own_redis_server: RedisServer,
 ) -> None:
-    """A batch calls its scripts by SHA (no SCRIPT EXISTS per batch); a Redis that lost them
-    (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the batch is applied again with them."""
+    """A batch calls its script by SHA (no SCRIPT EXISTS per batch); a Redis that lost it
+    (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the batch is applied again with it."""
     async with open_redis_state(own_redis_server.url) as state, \
             coredis.Redis.from_url(own_redis_server.url) as raw:
         await admit(state, run_record("r1"))
@@ -802,3 +831,35 @@ async def test_a_batch_is_applied_whole_after_redis_forgot_its_scripts(
         record = await state.record("r1")
         assert record is not None and record.ended and record.open_tools == {"c": "t"}
         assert await state.read("r1", 0) == (0, events(1, 2))
+
+
+async def _script_calls(raw: coredis.Redis[bytes]) -> int:
+    stats: Any = await raw.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+               for name in ("evalsha", "eval"))
+
+
+async def test_admissions_at_one_moment_share_one_command_and_a_batch_is_one(
+    own_redis_server: RedisServer,
+) -> None:
+    """Ten runs started together cost Redis one script call, not ten; one at a time, one
+    each. A batch of several runs' events, tools, ends and trims is one call too."""
+    async with open_redis_state(own_redis_server.url) as state, \
+            coredis.Redis.from_url(own_redis_server.url) as raw:
+        await admit(state, run_record("warm", user="w"))  # loads both scripts
+        await state.apply(Batch(logs={"warm": events(1)}))
+        before = await _script_calls(raw)
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(admit, state, run_record(f"r{i}", user=f"u{i}"))
+        assert await _script_calls(raw) - before == 1
+        for i in range(3):
+            await admit(state, run_record(f"s{i}", user=f"v{i}"))
+        assert await _script_calls(raw) - before == 4
+        await state.apply(Batch(logs={f"r{i}": events(1, 2) for i in range(10)},
+                                open_tools={"r1": {"c": "t"}}, acked={"r2": (1, "n1")},
+                                finished={f"r{i}": 60.0 for i in range(5)}))
+        assert await _script_calls(raw) - before == 5
+        assert [(await state.record(f"r{i}")).ended for i in range(10)] == [  # type: ignore[union-attr]
+            True] * 5 + [False] * 5
+        assert await state.read("r2", 0) == (1, events(2))
