@@ -34,8 +34,8 @@ recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_
 them: ``heartbeat`` tells it). The admissions asked for at one moment (a burst of starts) go
 together in one ``admit_many`` script, each admitted in turn. A node writes a batch in one
 ``apply`` script (one command and round trip; by SHA, loaded again on ``NOSCRIPT``) that
-runs the steps ``append`` (one ``XADD`` per event of every run; an id already there is
-skipped; a tail sees the batch whole), then open tools, trims, ends, disconnects and drops,
+runs the steps ``append`` (one ``XADD`` per event of every run, the events packed in one
+binary argument; an id already there is skipped; a tail sees the batch whole), then open tools, trims, ends, disconnects and drops,
 each the script of that name as a Lua function; ``read`` is ``HGET trimmed``
 + ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool
 (``max_tails`` connections), so that waiting tails never hold the connections the others
@@ -56,6 +56,7 @@ import hashlib
 import json
 import logging
 import math
+import struct
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, Final, final
@@ -108,6 +109,10 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
+#: The ``append`` step's binary layout: a log's event count, an event's seq and length.
+_COUNT: Final = struct.Struct(">I")
+_ENTRY: Final = struct.Struct(">II")
+
 # admit codes
 _NEW, _DUPLICATE, _RATE_LIMITED, _OVERLOADED = 0, 1, 2, 3
 
@@ -133,17 +138,21 @@ return {0}
 """
 
 _APPEND: Final = """
--- KEYS: the runs' logs; ARGV: per log, its count n, then n (seq, data) pairs in seq order
-local a = 1
+-- KEYS: the runs' logs; ARGV[1]: per log in turn, its count n (4 bytes, big-endian), then n
+-- events, each its seq and its length (4 bytes each) and its bytes, in seq order
+local blob, at = ARGV[1], 1
 for k = 1, #KEYS do
-  local n = tonumber(ARGV[a])
-  a = a + 1
+  local n
+  n, at = struct.unpack('>I4', blob, at)
   for _ = 1, n do
-    local added = redis.pcall('XADD', KEYS[k], '0-' .. ARGV[a], 'f', ARGV[a + 1])
+    local seq, size
+    seq, size, at = struct.unpack('>I4I4', blob, at)
+    local data = string.sub(blob, at, at + size - 1)
+    local added = redis.pcall('XADD', KEYS[k], '0-' .. seq, 'f', data)
     if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
       return added
     end
-    a = a + 2
+    at = at + size
   end
 end
 return 0
@@ -579,11 +588,12 @@ class RedisSharedState:
 
         logs = {run_id: entries for run_id, entries in batch.logs.items() if entries}
         if logs:
-            logged: list[str | int | bytes] = []
+            blob: list[bytes] = []
             for entries in logs.values():
-                logged.append(len(entries))
-                logged += [part for entry in entries for part in entry]
-            call("append", [self._key("log:", r) for r in logs], logged)
+                blob.append(_COUNT.pack(len(entries)))
+                for seq, data in entries:
+                    blob += (_ENTRY.pack(seq, len(data)), data)
+            call("append", [self._key("log:", r) for r in logs], [b"".join(blob)])
         if batch.open_tools:
             call("set_open_tools", [self._key("run:", run_id) for run_id in batch.open_tools],
                  [json.dumps(dict(tools)) for tools in batch.open_tools.values()])
@@ -597,7 +607,7 @@ class RedisSharedState:
                  [conn_id, f"{_h(user_id)}:{conn_id}", self.key_prefix])
         for run_id in batch.dropped:
             call("drop", self._run_keys(run_id), [run_id, self.key_prefix])
-        await self._run_script("apply", keys, [len(calls) // 3, *calls, *args])
+        await self._run_script("apply", [], [len(calls) // 3, len(keys), *calls, *keys, *args])
 
     async def read(self, run_id: str, after_seq: int) -> tuple[int, list[tuple[int, bytes]]]:
         """See :meth:`SharedState.read`: one ``MULTI`` of ``HGET`` and ``XRANGE``."""
@@ -813,18 +823,21 @@ _APPLY: Final = "".join(
     for name, body in zip(_BATCH_STEPS, (_APPEND, _SET_OPEN_TOOLS, _TRIM, _FINISH, _DISCONNECT,
                                          _DROP), strict=True)
 ) + """
--- ARGV: the number of calls c, then per call (step, its key count, its arg count), then
--- every call's args in turn; KEYS: every call's keys in turn. Stops at a step's error.
+-- ARGV: the number of calls c, the number of keys of all calls, then per call (step, its key
+-- count, its arg count), then every call's keys in turn, then every call's args in turn (the
+-- keys travel as arguments: a client wraps each declared key, which costs more than the
+-- script). Stops at a step's error.
 local steps = {append, set_open_tools, trim, finish, disconnect, drop}
 local calls = tonumber(ARGV[1])
-local k, a = 1, 2 + 3 * calls
+local k = 3 + 3 * calls
+local a = k + tonumber(ARGV[2])
 for i = 0, calls - 1 do
-  local nk, na = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  local nk, na = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])
   local keys, args = {}, {}
-  for j = 1, nk do keys[j] = KEYS[k + j - 1] end
+  for j = 1, nk do keys[j] = ARGV[k + j - 1] end
   for j = 1, na do args[j] = ARGV[a + j - 1] end
   k, a = k + nk, a + na
-  local result = steps[tonumber(ARGV[2 + 3 * i])](keys, args)
+  local result = steps[tonumber(ARGV[3 + 3 * i])](keys, args)
   if type(result) == 'table' and result.err then return result end
 end
 return 0
