@@ -168,7 +168,7 @@ FULL = Scale(
     nodes=NodesScale(
         counts=(1, 2, 3),
         load=Load(1000, 500, 2, 20, warmup_s=5.0, window_s=27.0),  # 2 runs of 13.5 s
-        rates=(1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000),
+        rates=(1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 14000),
         step_s=5.0,
         warmup_s=1.0,
     ),
