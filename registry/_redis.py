@@ -33,16 +33,16 @@ recreate a run that is gone), ``connect``/``disconnect``, ``heartbeat``, ``dead_
 ``claim``, ``forget_node``, ``restore`` (a node writes its runs again into a Redis that lost
 them: ``heartbeat`` tells it). The admissions asked for at one moment (a burst of starts) go
 together in one ``admit_many`` script, each admitted in turn. A node writes a batch in one
-``apply`` script (one command and round trip; by SHA, loaded again on ``NOSCRIPT``) that
-runs the steps ``append`` (one ``XADD`` per event of every run, the events packed in one
-binary argument; an id already there is skipped; a tail sees the batch whole), then open tools, trims, ends, disconnects and drops,
-each the script of that name as a Lua function; ``read`` is ``HGET trimmed``
-+ ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection pool
-(``max_tails`` connections), so that waiting tails never hold the connections the others
-multiplex on. Every command is safe to run twice (coredis retries one whose connection
-broke): a re-run admit finds its own run, a re-run claim its own claim, a re-run finish
-changes nothing. Only ``PUBLISH`` is not, so it goes through a third client that never
-retries (a message is delivered at most once).
+``apply`` script (one command and round trip; by SHA, loaded again on ``NOSCRIPT``) that runs
+the steps ``append`` (one ``XADD`` per event of every run, the events packed in one binary
+argument; an id already there is skipped; a tail sees the batch whole), then open tools, trims,
+ends, disconnects and drops, each the script of that name as a Lua function; ``read`` is ``HGET
+trimmed`` + ``XRANGE`` in one ``MULTI``; ``tail`` is ``XREAD BLOCK`` on a second connection
+pool (``max_tails`` connections), so that waiting tails never hold the connections the others
+multiplex on. Every command is safe to run twice (coredis retries one whose connection broke):
+a re-run admit finds its own run, a re-run claim its own claim, a re-run finish changes
+nothing. Only ``PUBLISH`` is not, so it goes through a third client that never retries (a
+message is delivered at most once).
 
 Every connection error and timeout (``timeout_s`` per call, ``wait_s + timeout_s`` for
 ``tail``) is raised as :class:`SharedStateUnavailable`; coredis reconnects on the next
