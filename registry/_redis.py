@@ -799,9 +799,15 @@ class RedisSharedState:
             raise SharedStateUnavailable(f"redis: {group!r}") from group
 
 
+def _lua_function(name: str, script: str) -> str:
+    """``script`` as a local Lua function ``name(KEYS, ARGV)``, for a script that runs it
+    several times on its own slices of the arguments."""
+    return f"local function {name}(KEYS, ARGV)\n{script}\nend\n"
+
+
 #: Every admission queued at one moment in one script (one command, one round trip): the
 #: ``admit`` script per admission in turn (a second start of one request sees the first).
-_ADMIT_MANY: Final = f"local function admit(KEYS, ARGV)\n{_ADMIT}\nend\n" + """
+_ADMIT_MANY: Final = _lua_function("admit", _ADMIT) + """
 -- KEYS: 5 per admission; ARGV: 11 per admission, in the same order. Replies in that order.
 local replies = {}
 for i = 0, #KEYS / 5 - 1 do
@@ -819,15 +825,16 @@ _BATCH_STEPS: Final = ("append", "set_open_tools", "trim", "finish", "disconnect
 #: One batch in one script (atomic like a ``MULTI``, one command instead of one per run):
 #: each step above is a function of its own KEYS and ARGV, and the batch is a list of calls.
 _APPLY: Final = "".join(
-    f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+    _lua_function(name, body)
     for name, body in zip(_BATCH_STEPS, (_APPEND, _SET_OPEN_TOOLS, _TRIM, _FINISH, _DISCONNECT,
                                          _DROP), strict=True)
-) + """
+) + f"""
+local steps = {{{", ".join(_BATCH_STEPS)}}}
+""" + """
 -- ARGV: the number of calls c, the number of keys of all calls, then per call (step, its key
 -- count, its arg count), then every call's keys in turn, then every call's args in turn (the
 -- keys travel as arguments: a client wraps each declared key, which costs more than the
 -- script). Stops at a step's error.
-local steps = {append, set_open_tools, trim, finish, disconnect, drop}
 local calls = tonumber(ARGV[1])
 local k = 3 + 3 * calls
 local a = k + tonumber(ARGV[2])
@@ -844,7 +851,7 @@ return 0
 """
 
 _SCRIPTS: Final = {
-    "append": _APPEND, "admit": _ADMIT, "finish": _FINISH, "drop": _DROP,
+    "finish": _FINISH, "drop": _DROP,
     "set_open_tools": _SET_OPEN_TOOLS,
     "trim": _TRIM, "follow": _FOLLOW, "followers": _FOLLOWERS,
     "connect": _CONNECT, "disconnect": _DISCONNECT, "heartbeat": _HEARTBEAT,
