@@ -314,9 +314,8 @@ def gc_of(record: Mapping[str, Any]) -> Mapping[str, Any]:
 def interval_longest(record: Mapping[str, Any]) -> Any:
     """Return an interval's longest GC pause: exact when it set a new record, else its bound."""
     gc = gc_of(record)
-    if gc.get("longest_ms") is not None:
-        return gc["longest_ms"]
-    return None if gc.get("longest_bound_ms") is None else f"<= {gc['longest_bound_ms']}"
+    longest = window_longest(gc)
+    return longest if longest is None or gc.get("longest_ms") is not None else f"<= {longest}"
 
 
 def plot_soak(soak: Results, out: Path) -> None:
